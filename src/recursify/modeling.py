@@ -1,0 +1,426 @@
+"""The recursive decoder: K shared layers looped over L unrolled positions.
+
+Every unrolled position p keeps its own identity: its depth index (for LoRA and norm gathers),
+its attention type (full or sliding, as layer p of the source), and its own KV-cache slot
+(`layer_idx = p`), so loops never collide in the cache. Rows of one batch may sit at different
+positions of the same shared slot (`position` is then a LongTensor[batch]): that is what the
+serving engine's depth-wise batching relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import Layout, RecursiveConfig
+from .families import arch_from_config, family_by_name, hf_config_from_dict, rotary_embedding
+from .lora import DepthwiseDiagonal, DepthwiseLoRA
+
+Position = int | torch.Tensor
+# attend(q, k, v, position, is_sliding) -> attention output [batch, heads, seq, head_dim]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Position, torch.Tensor | bool], torch.Tensor]
+
+
+REMOTE_CODE = {
+    "configuration_recursify": "# Loaded via auto_map; needs `pip install recursify`.\nfrom recursify.config import RecursiveConfig  # noqa: F401\n",
+    "modeling_recursify": "# Loaded via auto_map; needs `pip install recursify`.\nfrom recursify.modeling import RecursiveForCausalLM  # noqa: F401\n",
+}
+
+
+@dataclass
+class RecursiveCausalLMOutput(CausalLMOutputWithPast):
+    """`loop_hidden_states[b]` is the residual stream at the end of loop b (before the final norm)."""
+
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class SharedLayer(nn.Module):
+    """The linear weights that every position mapped to one slot loops through."""
+
+    def __init__(self, arch, family):
+        super().__init__()
+        self.linears = nn.ModuleDict()
+        for name in family.linears:
+            d_in, d_out = arch.linear_shape(name)
+            # Biases are per-position (see RecursiveForCausalLM.bias), like norms.
+            self.linears[name] = nn.Linear(d_in, d_out, bias=False)
+
+
+def resolve_rank(rank, d_in: int, d_out: int) -> int:
+    return min(d_in, d_out) if rank == "full" else int(rank)
+
+
+def lora_targets(family, recursion) -> list[str]:
+    targets = list(recursion.lora_targets or family.linears)
+    unknown = [t for t in targets if t not in family.linears]
+    if unknown:
+        raise ValueError(
+            f"unknown LoRA target(s) {', '.join(unknown)} for the {family.name} family; "
+            f"valid: {', '.join(family.linears)}"
+        )
+    return targets
+
+
+class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = RecursiveConfig
+    base_model_prefix = "recursive"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_cache_class = True
+    _no_split_modules = ["SharedLayer"]
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: RecursiveConfig):
+        super().__init__(config)
+        self.family = family_by_name(config.family)
+        self.source_config = hf_config_from_dict(config.base_config)
+        self.arch = a = arch_from_config(self.family, self.source_config)
+        self.recursion = config.recursion_config()
+        self.layout = Layout.build(a.num_layers, self.recursion)
+        L = a.num_layers
+
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.slots = nn.ModuleList(SharedLayer(a, self.family) for _ in range(self.layout.num_slots))
+
+        self.norm_names = [n for n in self.family.norms if n not in ("q_norm", "k_norm") or a.qk_norm]
+        num_norms = self.layout.num_slots if self.recursion.share_norms else L
+        layernorm = self.family.norm_kind == "layernorm"
+        self.norm_weight = nn.ParameterDict(
+            {n: nn.Parameter(torch.ones(num_norms, a.norm_dim(n))) for n in self.norm_names}
+        )
+        self.norm_bias = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(num_norms, a.norm_dim(n))) for n in self.norm_names} if layernorm else {}
+        )
+        # Linear biases (Qwen2 q/k/v, GPT-NeoX) are tiny vectors and live with the norms.
+        self.bias = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(num_norms, a.linear_shape(n)[1])) for n in self.family.linears if a.linear_bias[n]}
+        )
+        self.final_norm_weight = nn.Parameter(torch.ones(a.hidden_size))
+        self.final_norm_bias = nn.Parameter(torch.zeros(a.hidden_size)) if layernorm else None
+
+        self.lora = nn.ModuleDict()
+        self.diag = nn.ModuleDict()
+        for name in lora_targets(self.family, self.recursion):
+            d_in, d_out = a.linear_shape(name)
+            r = resolve_rank(self.recursion.lora_rank, d_in, d_out)
+            if r > min(d_in, d_out):
+                raise ValueError(
+                    f"lora_rank={r} is larger than min(d_in, d_out)={min(d_in, d_out)} of the {name!r} linear; "
+                    "use a smaller rank or 'full'"
+                )
+            if r > 0:
+                self.lora[name] = DepthwiseLoRA(L, d_in, d_out, r)
+            if self.recursion.variant == "residual":
+                self.diag[name] = DepthwiseDiagonal(L, d_in, d_out)
+
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.act = ACT2FN[a.act]
+        # Kept outside the module tree: they are functions of the config, never weights, and so
+        # survive meta-device loading and are never written to a checkpoint.
+        self.__dict__["_rotary"] = rotary_embedding(self.source_config)
+        self.__dict__["_sliding"] = torch.tensor([t == "sliding_attention" for t in a.layer_types], dtype=torch.bool)
+        self.post_init()
+
+    @property
+    def rotary_emb(self):
+        rot = self.__dict__["_rotary"]
+        device = self.embed_tokens.weight.device
+        if any(b.device != device for b in rot.buffers()):
+            rot.to(device)
+        return rot
+
+    @property
+    def position_is_sliding(self) -> torch.Tensor:
+        device = self.embed_tokens.weight.device
+        if self.__dict__["_sliding"].device != device:
+            self.__dict__["_sliding"] = self.__dict__["_sliding"].to(device)
+        return self.__dict__["_sliding"]
+
+    # ------------------------------------------------------------------ HF plumbing
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Hugging Face save, plus the two tiny `auto_map` modules that let stock tools
+        (lm-eval, `AutoModelForCausalLM` with trust_remote_code=True) load the checkpoint in a
+        process that never imported recursify. They import the installed package; no code is
+        copied into the checkpoint."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        from pathlib import Path
+
+        for module, line in REMOTE_CODE.items():
+            (Path(save_directory) / f"{module}.py").write_text(line)
+
+    # ------------------------------------------------------------------ building blocks
+    def _norm(self, name: str, x: torch.Tensor, index: Position) -> torch.Tensor:
+        w = self.norm_weight[name]
+        b = self.norm_bias[name] if name in self.norm_bias else None
+        if isinstance(index, int):
+            w = w[index]
+            b = b[index] if b is not None else None
+        else:
+            shape = (index.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[-1],)
+            w = w.index_select(0, index).view(shape)
+            b = b.index_select(0, index).view(shape) if b is not None else None
+        return self._apply_norm(x, w, b)
+
+    def _apply_norm(self, x, w, b=None):
+        kind = self.family.norm_kind
+        eps = self.arch.eps
+        if kind == "layernorm":
+            if w.dim() == 1:
+                return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+            return F.layer_norm(x, (x.shape[-1],), None, None, eps) * w + b
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if kind == "rms_gemma":
+            return (xf * (1.0 + w.float())).type_as(x)
+        return w * xf.to(x.dtype)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self._apply_norm(h, self.final_norm_weight, self.final_norm_bias)
+
+    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Prediction from a residual stream at any loop boundary: shared final norm + LM head."""
+        logits = self.lm_head(self.final_norm(h))
+        cap = self.arch.final_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _linear(self, slot: int, name: str, x: torch.Tensor, position: Position) -> torch.Tensor:
+        y = F.linear(x, self.slots[slot].linears[name].weight)
+        if name in self.bias:
+            index = self._norm_index(slot, position)
+            b = self.bias[name]
+            y = y + (b[index] if isinstance(index, int) else b.index_select(0, index).unsqueeze(1))
+        if name in self.lora:
+            y = y + self.lora[name](x, position)
+        if name in self.diag:
+            y = y + self.diag[name](x, position)
+        return y
+
+    def _norm_index(self, slot: int, position: Position) -> Position:
+        return slot if self.recursion.share_norms else position
+
+    def rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin for full (False) and sliding (True) layers; they differ only in Gemma 3."""
+        if self.source_config.model_type == "gemma3_text":
+            return {
+                False: self.rotary_emb(h, position_ids, "full_attention"),
+                True: self.rotary_emb(h, position_ids, "sliding_attention"),
+            }
+        cs = self.rotary_emb(h, position_ids)
+        return {False: cs, True: cs}
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        d = cos.shape[-1]
+        x_rot, x_pass = x[..., :d], x[..., d:]
+        x1, x2 = x_rot[..., : d // 2], x_rot[..., d // 2 :]
+        x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+    def layer_forward(
+        self,
+        slot: int,
+        position: Position,
+        h: torch.Tensor,
+        rope: dict,
+        attend: AttendFn,
+    ) -> torch.Tensor:
+        """One decoder layer of shared slot `slot` at unrolled `position` (int or per row)."""
+        a, fam = self.arch, self.family
+        bsz, seq, _ = h.shape
+        ni = self._norm_index(slot, position)
+        if isinstance(position, int):
+            is_sliding = bool(self.position_is_sliding[position])
+            cos, sin = rope[is_sliding]
+        else:
+            is_sliding = self.position_is_sliding.index_select(0, position)
+            sel = is_sliding.view(-1, 1, 1)
+            cos = torch.where(sel, rope[True][0], rope[False][0])
+            sin = torch.where(sel, rope[True][1], rope[False][1])
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def attention(x):
+            if fam.fused_qkv:
+                qkv = self._linear(slot, "qkv", x, position).view(bsz, seq, a.num_heads, 3 * a.head_dim)
+                q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+            else:
+                q = self._linear(slot, "q", x, position).view(bsz, seq, a.num_heads, a.head_dim)
+                k = self._linear(slot, "k", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
+                v = self._linear(slot, "v", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
+                if a.qk_norm:
+                    q, k = self._norm("q_norm", q, ni), self._norm("k_norm", k, ni)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            out = attend(q, k, v, position, is_sliding)
+            out = out.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
+            return self._linear(slot, "o", out, position)
+
+        def mlp(x):
+            if "gate" in fam.linears:
+                return self._linear(slot, "down", self.act(self._linear(slot, "gate", x, position)) * self._linear(slot, "up", x, position), position)
+            return self._linear(slot, "down", self.act(self._linear(slot, "up", x, position)), position)
+
+        if fam.residual == "parallel" and a.parallel_residual:
+            attn_out = attention(self._norm("attn_norm", h, ni))
+            return mlp(self._norm("mlp_norm", h, ni)) + attn_out + h
+        if fam.residual == "sandwich":
+            h = h + self._norm("post_attn_norm", attention(self._norm("attn_norm", h, ni)), ni)
+            return h + self._norm("post_mlp_norm", mlp(self._norm("mlp_norm", h, ni)), ni)
+        h = h + attention(self._norm("attn_norm", h, ni))
+        return h + mlp(self._norm("mlp_norm", h, ni))
+
+    def attention_scores(self, q, k, v, mask):
+        """Scaled dot-product attention with GQA expansion, soft-capping where the family has it."""
+        a = self.arch
+        if a.num_kv_heads != a.num_heads:
+            k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
+            v = v.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
+        if a.attn_softcap:
+            w = torch.matmul(q, k.transpose(2, 3)) * a.scaling
+            w = torch.tanh(w / a.attn_softcap) * a.attn_softcap
+            w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(w, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.family.scale_embeddings:
+            h = h * torch.tensor(self.arch.hidden_size**0.5, dtype=h.dtype)
+        return h
+
+    def build_masks(self, attention_mask, batch: int, seq: int, past: int, device) -> dict[bool, torch.Tensor]:
+        """Boolean masks [batch, 1, seq, past+seq] for full and sliding layers.
+
+        Causality is on cache indices, as in Hugging Face; a fully padded query row may attend to
+        itself so that padding never produces NaNs that would leak through the cache.
+        """
+        total = past + seq
+        q_idx = torch.arange(past, total, device=device).view(1, 1, seq, 1)
+        k_idx = torch.arange(total, device=device).view(1, 1, 1, total)
+        mask = k_idx <= q_idx
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, -total:].bool().view(batch, 1, 1, total)
+        mask = mask | (k_idx == q_idx)
+        mask = mask.expand(batch, 1, seq, total)
+        sliding = mask
+        if self.arch.sliding_window:
+            sliding = mask & ((q_idx - k_idx) < self.arch.sliding_window)
+        return {False: mask, True: sliding}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        depth: torch.LongTensor | None = None,
+        output_loop_states: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> RecursiveCausalLMOutput:
+        """Causal LM forward over all unrolled positions.
+
+        depth: optional LongTensor[batch] of loop counts (1..num_loops); row i then returns the
+        early-exit logits after its own `depth[i]` loops. output_loop_states: also return the
+        residual stream at every loop boundary (for early-exit losses).
+        """
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seq, _ = h.shape
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=h.device).unsqueeze(0).expand(bsz, -1)
+        rope = self.rope(h, position_ids)
+        masks = self.build_masks(attention_mask, bsz, seq, past, h.device)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+
+        def attend(q, k, v, position, is_sliding):
+            if cache is not None:
+                k, v = cache.update(k, v, position)
+            return self.attention_scores(q, k, v, masks[is_sliding])
+
+        layout = self.layout
+        loop_ends = {}
+        if layout.loopable:
+            K, e = layout.block_size, layout.edge
+            loop_ends = {e + (b + 1) * K - 1: b for b in range(layout.num_loops)}
+        if (depth is not None or output_loop_states) and not layout.loopable:
+            raise ValueError(f"strategy {layout.strategy!r} has no loop boundaries; early exits need a cycle strategy")
+
+        loop_states = []
+        exit_h = h if depth is not None else None
+        for p, slot in enumerate(layout.slot_of_position):
+            h = self.layer_forward(slot, p, h, rope, attend)
+            if p in loop_ends:
+                b = loop_ends[p]
+                if output_loop_states:
+                    loop_states.append(h)
+                if depth is not None and b < layout.num_loops - 1:
+                    exit_h = torch.where((depth == b + 1).view(-1, 1, 1), h, exit_h)
+        if depth is not None:
+            h = torch.where((depth >= layout.num_loops).view(-1, 1, 1), h, exit_h)
+        if output_loop_states and layout.edge:
+            loop_states[-1] = h  # the last exit is the full model, coda included
+
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.exit_logits(h[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return RecursiveCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            loop_hidden_states=tuple(loop_states) if output_loop_states else None,
+        )
+
+    # ------------------------------------------------------------------ accounting
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameters split into embedding / shared / LoRA / other (norms, diagonals, head)."""
+        counts = {"embedding": 0, "shared": 0, "lora": 0, "other": 0}
+        seen = set()
+        for name, p in self.named_parameters(remove_duplicate=True):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if name.startswith("embed_tokens"):
+                counts["embedding"] += p.numel()
+            elif name.startswith("slots."):
+                counts["shared"] += p.numel()
+            elif name.startswith("lora."):
+                counts["lora"] += p.numel()
+            else:
+                counts["other"] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,98 @@
+"""Tiny random Hugging Face models of every supported family: the references for exactness."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+              max_position_embeddings=128)
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=False))
+
+
+def _llama_tied():
+    return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def _mistral():
+    return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=5))
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2))
+
+
+def _qwen3():
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16))
+
+
+def _gemma():
+    return GemmaForCausalLM(GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16))
+
+
+def _gemma2():
+    return Gemma2ForCausalLM(
+        Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                     attn_logit_softcapping=20.0, final_logit_softcapping=15.0)
+    )
+
+
+def _gemma3():
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                         sliding_window_pattern=3)
+    )
+
+
+def _neox():
+    c = dict(COMMON)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**c, rotary_pct=0.5, use_parallel_residual=True))
+
+
+def _neox_sequential():
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**COMMON, rotary_pct=0.25, use_parallel_residual=False))
+
+
+FAMILIES = {
+    "llama": _llama,
+    "llama_tied": _llama_tied,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "gpt_neox": _neox,
+    "gpt_neox_sequential": _neox_sequential,
+}
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FAMILIES[name]().eval()
+    # Random norm weights and biases, so that per-position norms and biases are really tested.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "layernorm" in pname or pname.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
