@@ -146,6 +146,13 @@ def test_max_tokens_truncates_training_stream(tmp_path, tok):
     assert np.array_equal(cut.read_tokens(), full.read_tokens()[:17])
 
 
+def test_special_token_text_in_corpus_is_not_a_real_eos(tmp_path, tok):
+    write_jsonl(tmp_path / "d.jsonl", ["the <eos> cat", "sat"])
+    train, _ = build_datasets(cfg_for(tmp_path, [tmp_path / "d.jsonl"], seq_len=2, heldout_fraction=0.0), tok)
+    stream = train.read_tokens().tolist()
+    assert stream.count(EOS) == 1 and stream[-2:] == [EOS, ID["sat"]]
+
+
 # ------------------------------------------------------------------------------ sources
 
 

@@ -53,18 +53,25 @@ class DepthwiseDiagonal(nn.Module):
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r factors of a batch of matrices [n, out, in]: B = U_r diag(S_r), A = Vh_r.
 
-    Full rank uses an exact SVD in float64 (so the relaxed model reproduces the source); a low
-    rank uses a few power iterations of randomized SVD, which is much faster and accurate to
-    the leading singular directions.
+    Computed from the eigendecomposition of the small Gram matrix (Delta^T Delta or
+    Delta Delta^T, solved in float64), which is several times faster than a batched LAPACK SVD on
+    CPU and exact at full rank: B A = Delta V V^T with V orthogonal.
     """
     n, out_f, in_f = delta.shape
-    full = min(out_f, in_f)
-    if rank >= full or rank * 4 >= full:
-        U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    x = delta.float()
+    if in_f <= out_f:
+        gram = x.transpose(1, 2) @ x  # [n, in, in] = V S^2 V^T
+        evals, evecs = torch.linalg.eigh(gram.double())
+        V = evecs.flip(-1)[..., :rank].to(x.dtype)  # [n, in, r], largest first
+        B = x @ V  # U_r S_r
+        A = V.transpose(1, 2)  # Vh_r
     else:
-        U, S, V = torch.svd_lowrank(delta, q=min(rank + 10, full), niter=4)
-        U, S, Vh = U[..., :rank], S[..., :rank], V[..., :rank].transpose(-1, -2)
-    B = (U * S.unsqueeze(-2)).to(delta.dtype)
-    A = Vh.to(delta.dtype)
-    return B, A
+        gram = x @ x.transpose(1, 2)  # [n, out, out] = U S^2 U^T
+        evals, evecs = torch.linalg.eigh(gram.double())
+        U = evecs.flip(-1)[..., :rank]
+        S = evals.flip(-1)[..., :rank].clamp(min=0).sqrt()
+        SVh = U.transpose(1, 2) @ x.double()  # S_r Vh_r
+        inv = torch.where(S > S.amax(-1, keepdim=True) * 1e-10, 1.0 / S, torch.zeros_like(S))
+        A = (SVh * inv.unsqueeze(-1)).to(x.dtype)
+        B = (U * S.unsqueeze(-2)).to(x.dtype)
+    return B.to(delta.dtype).contiguous(), A.to(delta.dtype).contiguous()

@@ -125,8 +125,9 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         self.act = ACT2FN[a.act]
         # Kept outside the module tree: they are functions of the config, never weights, and so
         # survive meta-device loading and are never written to a checkpoint.
-        self.__dict__["_rotary"] = rotary_embedding(self.source_config)
-        self.__dict__["_sliding"] = torch.tensor([t == "sliding_attention" for t in a.layer_types], dtype=torch.bool)
+        with torch.device("cpu"):
+            self.__dict__["_rotary"] = rotary_embedding(self.source_config)
+            self.__dict__["_sliding"] = torch.tensor([t == "sliding_attention" for t in a.layer_types], dtype=torch.bool)
         self.post_init()
 
     @property

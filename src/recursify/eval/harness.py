@@ -73,7 +73,7 @@ def task_manager(data_dir: str | os.PathLike | None = None):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
 
 
-def _make_lm(model: Any, tokenizer: Any, batch_size: int, device: str, max_length: int | None, dtype: str):
+def _make_lm(model: Any, tokenizer: Any, batch_size: int, max_length: int | None, dtype: str):
     """Return (lm-eval model argument, model_args) for a path, a loaded HF model or an lm-eval LM."""
     from lm_eval.api.model import LM
 
@@ -109,7 +109,7 @@ def run_paper_tasks(
     data_dir: str | os.PathLike | None = None,
     num_fewshot: int | None = None,
     max_length: int | None = None,
-    dtype: str = "auto",
+    dtype: str | None = None,
 ) -> dict:
     """Evaluate ``model`` on the paper's benchmarks and return headline metrics plus their average.
 
@@ -118,15 +118,18 @@ def run_paper_tasks(
     ``tokenizer``), or an lm-eval ``LM``.  ``limit`` keeps the first N items of
     each task (or a fraction if < 1).  Zero-shot unless ``num_fewshot`` is set
     (shots then come from the same split, excluding the scored item).
+    ``device``/``dtype`` only apply when loading from a path; ``dtype`` defaults
+    to float32 on CPU (bf16 matmuls are slow there) and ``"auto"`` elsewhere.
 
     Returns ``{"tasks": {short: {"task", "metric", "value", "stderr", "n", "metrics"}},
     "average": mean of the headline values, "limit": limit, "raw": lm-eval's results}``.
     """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
 
     names = resolve_tasks(tasks)
-    lm, model_args = _make_lm(model, tokenizer, batch_size, device, max_length, dtype)
+    if dtype is None:
+        dtype = "float32" if str(device).startswith("cpu") else "auto"
+    lm, model_args = _make_lm(model, tokenizer, batch_size, max_length, dtype)
     out = lm_eval.simple_evaluate(
         model=lm,
         model_args=model_args,

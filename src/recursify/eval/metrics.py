@@ -61,8 +61,7 @@ def _as_sequences(data: SequencesLike) -> list[torch.Tensor]:
 
 def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits.float()
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def _pad_right(seqs: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,11 +151,11 @@ def perplexity(
     with _eval_mode(model):
         for batch in _batched(jobs, batch_size):
             ids, mask = _pad_right([w for w, _ in batch], device)
-            logp = torch.log_softmax(_logits(model, ids, mask), dim=-1)
+            logits = _logits(model, ids, mask)
             for row, (window, n_scored) in enumerate(batch):
                 length = len(window)
-                # logits at position t predict token t + 1
-                pred = logp[row, length - 1 - n_scored : length - 1]
+                # logits at position t predict token t + 1; only the scored slice is normalised
+                pred = torch.log_softmax(logits[row, length - 1 - n_scored : length - 1].float(), dim=-1)
                 target = ids[row, length - n_scored : length]
                 total_nll -= pred.gather(-1, target[:, None]).sum().item()
                 total_tokens += n_scored
@@ -188,15 +187,15 @@ def teacher_agreement(
     with _eval_mode(student, teacher):
         for batch in _batched(seqs, batch_size):
             ids, mask = _pad_right(batch, s_device)
-            s_logp = torch.log_softmax(_logits(student, ids, mask), dim=-1)
-            t_logp = torch.log_softmax(_logits(teacher, ids.to(t_device), mask.to(t_device)), dim=-1)
-            t_logp = t_logp.to(s_logp.device)
-            if s_logp.shape[-1] != t_logp.shape[-1]:
+            s_logits = _logits(student, ids, mask)
+            t_logits = _logits(teacher, ids.to(t_device), mask.to(t_device)).to(s_logits.device)
+            if s_logits.shape[-1] != t_logits.shape[-1]:
                 raise ValueError(
-                    f"student and teacher vocabularies differ ({s_logp.shape[-1]} vs {t_logp.shape[-1]})"
+                    f"student and teacher vocabularies differ ({s_logits.shape[-1]} vs {t_logits.shape[-1]})"
                 )
-            valid = mask.bool()
-            s_logp, t_logp = s_logp[valid], t_logp[valid]  # [n_tokens, vocab]
+            valid = mask.bool()  # drop padding before the float32 softmax: [n_tokens, vocab]
+            s_logp = torch.log_softmax(s_logits[valid].float(), dim=-1)
+            t_logp = torch.log_softmax(t_logits[valid].float(), dim=-1)
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
             kl_sum += kl.sum().item()
             agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()

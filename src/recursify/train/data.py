@@ -376,7 +376,9 @@ def _tokenize_into(
     heldout_hashes: set[bytes] = set()
 
     def encode(texts: list[str]) -> list[np.ndarray]:
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        # split_special_tokens: corpus text that spells "<|endoftext|>" must not forge a real EOS
+        # (it would break document boundaries and so the leak guarantees).
+        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         out = []
         for row in ids:
             arr = np.asarray(row, dtype=np.int64)

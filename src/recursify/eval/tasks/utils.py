@@ -115,6 +115,16 @@ def hellaswag_preprocess(text: str) -> str:
     return text
 
 
+def load_hellaswag(subdir: str, split: str, data_dir: str | None = None, **_metadata) -> datasets.DatasetDict:
+    """``custom_dataset`` hook: HellaSwag with lm-eval's ``process_docs`` applied once at load.
+
+    (As a ``process_docs`` hook lm-eval would re-map all 10042 items each time
+    it asks for the documents.)
+    """
+    ds = load_arrow_split(subdir, split, data_dir)[split]
+    return datasets.DatasetDict({split: hellaswag_process_docs(ds)})
+
+
 def hellaswag_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     def _process_doc(doc):
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
