@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import ConfigError, Layout, RecursionConfig, RecursiveConfig
 from .convert import convert
 from .families import UnsupportedModelError, supported_model_types
+from . import families, hub
 from .hub import ModelLoadError, load_pretrained
 from .modeling import RecursiveForCausalLM
 

@@ -56,18 +56,27 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     return str(path), None
 
 
+def load_config(name_or_path: str):
+    """Only the model config: cheap, so bad arguments are caught before weights are loaded."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve(name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read a model config from {name_or_path}: {str(e).splitlines()[0]}") from e
+
+
 def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     folder, gguf = resolve(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    try:
-        config = AutoConfig.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot read a model config from {name_or_path}: {str(e).splitlines()[0]}") from e
+    config = load_config(name_or_path)
     if getattr(config, "model_type", None) == "recursify":
         import recursify  # noqa: F401  (registers the architecture)
     if type(config) not in AutoModelForCausalLM._model_mapping:

@@ -1,0 +1,259 @@
+"""`recursify` command line: a thin layer over the Python API.
+
+Every command reports failures as one line on stderr with a non-zero exit; `--debug` (before
+the command name) shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=(
+        "Turn a pretrained decoder-only LLM into a smaller Recursive Transformer, uptrain it by "
+        "distillation, evaluate it and serve it.\n\n"
+        "Typical flow:\n\n"
+        "  recursify convert smollm2-135m --loops 2 --lora-rank 64 --out runs/rec2\n\n"
+        "  recursify generate runs/rec2 --teacher smollm2-135m --prompt 'The capital of France is'"
+    ),
+)
+console = Console(stderr=True)
+out = Console()
+_STATE = {"debug": False}
+
+
+class CLIError(Exception):
+    """An error meant for the user: printed as one line, no traceback."""
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    _STATE["debug"] = debug
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@contextmanager
+def atomic_output_dir(target: Path, overwrite: bool):
+    """Write into a temporary sibling folder and rename it into place only on success, so a
+    failure never leaves a half-written checkpoint behind."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CLIError(f"output directory {target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def source_breakdown(model) -> dict[str, int]:
+    """Parameters of a Hugging Face model split like `RecursiveForCausalLM.parameter_breakdown`."""
+    from .families import detect_family
+
+    family = detect_family(model.config)
+    embed = model.get_input_embeddings().weight
+    layers = model.get_submodule(family.layers)
+    counts = {"embedding": embed.numel(), "shared": sum(p.numel() for p in layers.parameters()), "lora": 0}
+    seen = {id(p) for p in layers.parameters()} | {id(embed)}
+    counts["other"] = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Source model: a bundled name (smollm2-135m, gemma3-270m), a Hugging Face folder or a .gguf file."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder."),
+    loops: int = typer.Option(2, "--loops", "-B", help="Number of loops B; K = L / B unique layers. B must divide L."),
+    strategy: str = typer.Option("cycle", help="Layer-to-slot map: cycle (ABC|ABC), sequence (AA|BB|CC), middle_cycle, middle_sequence."),
+    init: str = typer.Option("stepwise", help="Shared-weight init: stepwise, average, lower, random."),
+    lora_rank: str = typer.Option("0", "--lora-rank", "-r", help="Per-position LoRA rank: 0 (plain recursive), an integer, or 'full' (exact)."),
+    lora_init: str = typer.Option("svd", help="LoRA init: svd (truncated SVD of W_l - W_shared) or zero."),
+    variant: str = typer.Option("relaxed", help="relaxed (Relaxed Recursive Transformer) or residual (ResidualTransformer)."),
+    share_norms: bool = typer.Option(False, "--share-norms", help="Tie norms (and biases) per shared slot instead of per position."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated LoRA targets (default: every linear: q,k,v,o,gate,up,down)."),
+    seed: int = typer.Option(0, help="Seed for init=random."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Convert a pretrained causal LM into a (Relaxed) Recursive Transformer checkpoint."""
+    import recursify as rf
+
+    t0 = time.time()
+    recursion = rf.RecursionConfig(
+        num_loops=loops,
+        strategy=strategy,
+        init=init,
+        lora_rank=lora_rank,
+        lora_init=lora_init,
+        variant=variant,
+        share_norms=share_norms,
+        lora_targets=[t.strip() for t in targets.split(",")] if targets else None,
+        seed=seed,
+    )
+    if Path(out_dir).exists() and not overwrite:
+        raise CLIError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    source_config = rf.hub.load_config(model)
+    family = rf.families.detect_family(source_config)
+    rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
+    with console.status(f"loading {model}"):
+        teacher, tokenizer = rf.load_pretrained(model)
+    t_load = time.time() - t0
+    before = source_breakdown(teacher)
+    t1 = time.time()
+    student = rf.convert(teacher, recursion, progress=True)
+    t_convert = time.time() - t1
+    with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    after = student.parameter_breakdown()
+    size = dir_size(out_dir)
+    layout = student.layout
+    table = Table(title=f"recursify convert: {model} → {out_dir}")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("recursive", justify="right")
+    table.add_row("layers (unrolled)", str(layout.num_layers), str(layout.num_layers))
+    table.add_row("unique layers", str(layout.num_layers), f"{layout.num_slots} ({layout.num_loops} loops, {layout.strategy})")
+    for key, label in (("embedding", "params: embedding"), ("shared", "params: layers / shared"), ("lora", "params: LoRA"), ("other", "params: other (norms, head)"), ("total", "params: total")):
+        table.add_row(label, f"{before[key] / 1e6:.2f}M", f"{after[key] / 1e6:.2f}M")
+    ne_before = before["total"] - before["embedding"]
+    ne_after = after["total"] - after["embedding"]
+    table.add_row("compression (total)", "", f"{before['total'] / after['total']:.2f}×")
+    table.add_row("compression (non-embedding)", "", f"{ne_before / ne_after:.2f}×")
+    table.add_row("checkpoint size", "", human_bytes(size))
+    table.add_row("seconds (load / convert / total)", "", f"{t_load:.1f} / {t_convert:.1f} / {time.time() - t0:.1f}")
+    out.print(table)
+
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Argument(..., help="A recursify checkpoint folder (or any model `convert` accepts)."),
+    prompt: str = typer.Option("The capital of France is", help="Prompt text."),
+    max_new_tokens: int = typer.Option(24, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    teacher: Optional[str] = typer.Option(None, help="Also generate from this model (e.g. smollm2-135m) for comparison."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+):
+    """Generate text from a checkpoint (and optionally its teacher, side by side)."""
+    import torch
+
+    import recursify as rf
+
+    if max_new_tokens <= 0:
+        raise CLIError("--max-new-tokens must be positive")
+    rows = []
+    for name in ([teacher] if teacher else []) + [checkpoint]:
+        with console.status(f"loading {name}"):
+            model, tok = rf.load_pretrained(name)
+        text = prompt
+        if chat and tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt")
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
+        t0 = time.time()
+        with torch.no_grad():
+            gen = model.generate(**ids, **kwargs)
+        dt = time.time() - t0
+        new = gen[0, ids["input_ids"].shape[1]:]
+        rows.append((name, tok.decode(new, skip_special_tokens=True), f"{len(new) / dt:.1f}"))
+    table = Table(title=f"prompt: {prompt!r}")
+    table.add_column("model")
+    table.add_column("completion")
+    table.add_column("tok/s", justify="right")
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
+
+
+@app.command()
+def info(checkpoint: str = typer.Argument(..., help="A recursify checkpoint folder.")):
+    """Show the recursion layout and parameter breakdown of a checkpoint."""
+    import recursify as rf
+
+    model, _ = rf.load_pretrained(checkpoint)
+    if not isinstance(model, rf.RecursiveForCausalLM):
+        raise CLIError(f"{checkpoint} is not a recursify checkpoint")
+    table = Table(title=str(checkpoint))
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in model.recursion.to_dict().items():
+        table.add_row(k, str(v))
+    table.add_row("slot of position", " ".join(map(str, model.layout.slot_of_position)))
+    for k, v in model.parameter_breakdown().items():
+        table.add_row(f"params: {k}", f"{v / 1e6:.2f}M")
+    out.print(table)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules pull heavier dependencies are imported lazily."""
+    from . import cli_extra  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        _register_optional_commands()
+    except ImportError:
+        pass
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become one line
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        known = isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError))
+        prefix = "error" if known else f"error ({type(e).__name__})"
+        print(f"{prefix}: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
