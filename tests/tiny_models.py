@@ -96,3 +96,26 @@ def make(name: str, seed: int = 0):
             if "norm" in pname or "layernorm" in pname or pname.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def byte_tokenizer():
+    """A 97-token character-level tokenizer built offline, matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]  # 95 printable characters
+    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def save_tiny(name: str, path, seed: int = 0):
+    """A tiny model of family `name` with the character tokenizer, saved as a HF folder."""
+    model = make(name, seed)
+    model.config.eos_token_id = 1
+    model.config.pad_token_id = 1
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

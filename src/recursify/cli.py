@@ -177,7 +177,7 @@ def generate(
     if max_new_tokens <= 0:
         raise CLIError("--max-new-tokens must be positive")
     rows = []
-    for name in ([teacher] if teacher else []) + [checkpoint]:
+    for role, name in ([("teacher", teacher)] if teacher else []) + [("model", checkpoint)]:
         with console.status(f"loading {name}"):
             model, tok = rf.load_pretrained(name)
         text = prompt
@@ -191,9 +191,9 @@ def generate(
             gen = model.generate(**ids, **kwargs)
         dt = time.time() - t0
         new = gen[0, ids["input_ids"].shape[1]:]
-        rows.append((name, tok.decode(new, skip_special_tokens=True), f"{len(new) / dt:.1f}"))
+        rows.append((f"{role}: {Path(name).name or name}", tok.decode(new, skip_special_tokens=True), f"{len(new) / dt:.1f}"))
     table = Table(title=f"prompt: {prompt!r}")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     table.add_column("completion")
     table.add_column("tok/s", justify="right")
     for r in rows:

@@ -62,8 +62,8 @@ def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     if in_f <= out_f:
         gram = x.transpose(1, 2) @ x  # [n, in, in] = V S^2 V^T
         evals, evecs = torch.linalg.eigh(gram.double())
-        V = evecs.flip(-1)[..., :rank].to(x.dtype)  # [n, in, r], largest first
-        B = x @ V  # U_r S_r
+        V = evecs.flip(-1)[..., :rank]  # [n, in, r], largest first
+        B = x.double() @ V  # U_r S_r, in float64 so that full rank reproduces Delta to fp32 rounding
         A = V.transpose(1, 2)  # Vh_r
     else:
         gram = x @ x.transpose(1, 2)  # [n, out, out] = U S^2 U^T

@@ -1,0 +1,90 @@
+"""The command line: happy path on a tiny model, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tiny_models import byte_tokenizer, save_tiny
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+
+def run(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "recursify", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(res, needle):
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in res.stderr, res.stderr
+    assert lines and needle in lines[-1], res.stderr
+    assert lines[-1].startswith("error")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
+
+
+def test_convert_then_generate(tiny, tmp_path):
+    out = tmp_path / "rec"
+    res = run("convert", str(tiny), "--loops", "2", "--lora-rank", "4", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "compression" in res.stdout and "unique layers" in res.stdout
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    res = run("generate", str(out), "--teacher", str(tiny), "--prompt", "hello", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+    assert "teacher: tiny-llama" in res.stdout and "model: rec" in res.stdout
+    res = run("info", str(out))
+    assert res.returncode == 0 and "slot of position" in res.stdout
+
+
+def test_missing_path(tmp_path):
+    assert_clean_error(run("convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "model not found")
+
+
+def test_not_a_causal_lm(tmp_path):
+    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
+    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    assert_clean_error(run("convert", str(tmp_path / "bert"), "--out", str(tmp_path / "o")), "not supported")
+
+
+def test_unsupported_family(tmp_path):
+    GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    res = run("convert", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
+    assert_clean_error(res, "recursify supports: gemma")
+    assert not (tmp_path / "o").exists()
+
+
+def test_loops_that_do_not_divide(tiny, tmp_path):
+    assert_clean_error(run("convert", str(tiny), "--loops", "4", "--out", str(tmp_path / "o")), "valid values: 1, 2, 3, 6")
+
+
+def test_rank_too_large_leaves_no_output(tiny, tmp_path):
+    res = run("convert", str(tiny), "--loops", "2", "--lora-rank", "1000", "--out", str(tmp_path / "o"))
+    assert_clean_error(res, "larger than min(d_in, d_out)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused(tiny, tmp_path):
+    (tmp_path / "o").mkdir()
+    assert_clean_error(run("convert", str(tiny), "--out", str(tmp_path / "o")), "already exists")
+
+
+def test_corrupted_checkpoint(tiny, tmp_path):
+    out = tmp_path / "rec"
+    assert run("convert", str(tiny), "--loops", "2", "--out", str(out)).returncode == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = run("generate", str(out), "--max-new-tokens", "2")
+    assert_clean_error(res, "")
+    res = run("--debug", "generate", str(out), "--max-new-tokens", "2")
+    assert "Traceback" in res.stderr
+
+
+def test_help_teaches():
+    res = run("convert", "--help")
+    assert res.returncode == 0
+    for word in ("--loops", "cycle", "stepwise", "full"):
+        assert word in res.stdout
