@@ -1,0 +1,31 @@
+"""Serving engine: continuous depth-wise batching with early exit for Recursive Transformers.
+
+Kept in separate layers, as in vLLM: `request` (what is asked), `kv_cache` (fixed-budget memory),
+`scheduler` (what runs each step), `runner` (one batched forward), `sampling`, and `engine`
+(the loop tying them together, sync and async).
+"""
+
+from .engine import AsyncLLMEngine, EngineStoppedError, LLMEngine, StepStats
+from .kv_cache import CacheBudgetError, KVCache
+from .request import ParamError, Request, RequestOutput, SamplingParams
+from .runner import ExitConfig, ModelRunner, kv_projection
+from .scheduler import QueueFullError, Scheduler, WorkItem
+
+__all__ = [
+    "AsyncLLMEngine",
+    "CacheBudgetError",
+    "EngineStoppedError",
+    "ExitConfig",
+    "KVCache",
+    "LLMEngine",
+    "ModelRunner",
+    "ParamError",
+    "QueueFullError",
+    "Request",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "StepStats",
+    "WorkItem",
+    "kv_projection",
+]

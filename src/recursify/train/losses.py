@@ -44,8 +44,8 @@ __all__ = [
 
 EXIT_SCHEDULES = ("none", "weighted", "aggressive", "self_kd")
 
-# Logit elements ([rows, vocab]) computed at once; 2^25 fp32 = 128 MB per live temporary.
-DEFAULT_CHUNK_ELEMENTS = 1 << 25
+# Logit elements ([rows, vocab]) computed at once; 2^26 fp32 = 256 MB per live temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass

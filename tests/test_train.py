@@ -1,0 +1,401 @@
+"""Tests for uptraining by distillation (recursify.train.{losses,trainer,plot}) on tiny random models.
+
+The resume and distributed tests run the trainer in real subprocesses: a SIGTERM'd and then a
+SIGKILL'd run, resumed, must log the same per-step losses as an uninterrupted one, and two gloo
+processes must match one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import recursify as rf
+from recursify.train.losses import (
+    LossConfig,
+    ce_loss,
+    distillation_loss,
+    exit_weights,
+    kd_ce_loss,
+    kd_loss,
+    next_token_labels,
+)
+from recursify.train.trainer import TrainConfig, TrainError, list_checkpoints, main, train
+from tiny_models import COMMON, make
+
+SEQ = 16
+
+
+def word_tokenizer(size: int = 97, shift: int = 0) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over w0..w{size-3}; `shift` permutes the ids (same size, other mapping)."""
+    n = size - 2
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": 2 + (i + shift) % n for i in range(n)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+
+
+def write_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
+    """Arithmetic word sequences (w_s, w_{s+k}, ...): learnable, and every document is distinct."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(docs):
+        start, step = rng.randrange(95), rng.choice([1, 2, 3])
+        lines.append(json.dumps({"text": " ".join(f"w{(start + step * k) % 95}" for k in range(rng.randrange(20, 40)))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """A tiny llama teacher, its 2-loop r=4 recursive student, a corpus and a token cache."""
+    root = tmp_path_factory.mktemp("train")
+    tok = word_tokenizer()
+    teacher = make("llama")
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student = rf.convert(teacher, rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    write_corpus(root / "data.jsonl")
+    return root
+
+
+def config(fx: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(student=str(fx / "student"), teacher=str(fx / "teacher"), data=[str(fx / "data.jsonl")],
+                heldout_fraction=0.1, cache_dir=str(fx / "cache"), out=str(out), seq_len=SEQ, batch_size=8,
+                max_tokens=8 * SEQ * 12, lr=1e-2, warmup_steps=2, alpha=0.5, exit_schedule="weighted",
+                eval_every=0, eval_tokens=8 * SEQ, save_every=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert len(steps) == len(set(steps)), "a step is logged twice"
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+
+def test_kd_loss_matches_hand_computed_kl():
+    s = torch.tensor([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]])
+    t = torch.tensor([[[0.5, 2.5, 1.0], [2.0, 0.0, 0.0]]])
+    for T in (1.0, 2.0):
+        expected = 0.0
+        for pos in range(2):
+            ps = [math.exp(x / T) for x in s[0, pos].tolist()]
+            pt = [math.exp(x / T) for x in t[0, pos].tolist()]
+            ps = [p / sum(ps) for p in ps]
+            pt = [p / sum(pt) for p in pt]
+            expected += sum(q * math.log(q / p) for p, q in zip(ps, pt))
+        expected = expected / 2 * T * T
+        assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_chunked_kd_equals_unchunked_with_gradients():
+    torch.manual_seed(0)
+    s = torch.randn(2, 9, 11, requires_grad=True)
+    t = torch.randn(2, 9, 11)
+    full = kd_loss(s, t, 2.0)
+    (g_full,) = torch.autograd.grad(full, s)
+    chunked = kd_loss(s, t, 2.0, chunk_elements=2 * 11 * 2)  # 2 positions a chunk, recomputed in backward
+    (g_chunk,) = torch.autograd.grad(chunked, s)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(g_chunk, g_full)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    teacher = make("llama")
+    student = rf.convert(teacher, rf.RecursionConfig(num_loops=3, lora_rank=2), progress=False)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        t_logits = teacher(ids).logits
+    return student, ids, t_logits
+
+
+def test_alpha_zero_is_ce_and_alpha_one_is_kd(tiny_pair):
+    student, ids, t_logits = tiny_pair
+    with torch.no_grad():
+        ref = student(ids, labels=ids, use_cache=False)
+        ce_only = distillation_loss(student, ids, t_logits, LossConfig(alpha=0.0))
+        kd_only = distillation_loss(student, ids, t_logits, LossConfig(alpha=1.0, temperature=2.0))
+        mixed = distillation_loss(student, ids, t_logits, LossConfig(alpha=0.3))
+    assert ce_only["loss"].item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert kd_only["loss"].item() == pytest.approx(kd_loss(ref.logits, t_logits, 2.0).item(), rel=1e-5)
+    assert mixed["loss"].item() == pytest.approx(kd_ce_loss(ref.logits, t_logits, ids, alpha=0.3).item(), rel=1e-5)
+    assert ce_loss(ref.logits, ids).item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_exit_weights_by_hand():
+    assert exit_weights("none", 3) == [0.0, 0.0, 1.0]
+    assert exit_weights("weighted", 3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert exit_weights("weighted", 2) == pytest.approx([1 / 3, 2 / 3])
+    assert exit_weights("aggressive", 3) == [0.1, 0.1, 1.0]
+    assert exit_weights("self_kd", 2) == [0.1, 1.0]
+    assert exit_weights("weighted", 1) == [1.0]
+    with pytest.raises(ValueError, match="unknown exit schedule"):
+        exit_weights("deep", 2)
+
+
+def test_exit_losses_combine_loop_states_by_hand(tiny_pair):
+    student, ids, t_logits = tiny_pair
+    alpha = 0.4
+    with torch.no_grad():
+        states = student(ids, output_loop_states=True, use_cache=False).loop_hidden_states
+        exits = [student.exit_logits(h) for h in states]
+        per_exit = [alpha * kd_loss(z, t_logits) + (1 - alpha) * ce_loss(z, ids) for z in exits]
+        for schedule in ("weighted", "aggressive"):
+            got = distillation_loss(student, ids, t_logits, LossConfig(alpha=alpha, exit_schedule=schedule))
+            want = sum(w * x for w, x in zip(exit_weights(schedule, 3), per_exit))
+            assert got["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+            assert got["exit_ce"].tolist() == pytest.approx([ce_loss(z, ids).item() for z in exits], rel=1e-5)
+        # self_kd: the final exit as usual, intermediate exits towards the final exit's distribution
+        got = distillation_loss(student, ids, t_logits, LossConfig(alpha=alpha, exit_schedule="self_kd"))
+        want = per_exit[-1] + 0.1 * (kd_loss(exits[0], exits[-1]) + kd_loss(exits[1], exits[-1]))
+        assert got["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert next_token_labels(ids)[:, -1].eq(-100).all()
+
+
+def test_self_kd_target_is_detached(tiny_pair):
+    """The intermediate exits' self-distillation must not pull on the final exit's prediction:
+    parameters used only after the last intermediate exit get the same gradient as with no exits."""
+    student, ids, t_logits = tiny_pair
+
+    def grads(schedule):
+        student.zero_grad()
+        distillation_loss(student, ids, t_logits, LossConfig(alpha=1.0, exit_schedule=schedule))["loss"].backward()
+        return student.lora["o"].lora_B.grad.clone()
+
+    plain, self_kd = grads("none"), grads("self_kd")
+    student.zero_grad()
+    last = student.layout.num_layers - 1  # only feeds the final exit
+    torch.testing.assert_close(self_kd[last], plain[last])
+    assert (self_kd[1] - plain[1]).abs().max() > 1e-6  # earlier positions do get the exit terms
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def test_training_reduces_heldout_loss_and_writes_a_checkpoint(fx, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(fx, out, max_tokens=8 * SEQ * 30, eval_every=15))
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [0, 15, 30]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.3
+    assert len(evals[-1]["exit_ppl"]) == 2 and all(p > 1 for p in evals[-1]["exit_ppl"])
+    assert result["step"] == 30 and result["eval_ppl"] == pytest.approx(evals[-1]["ppl"])
+    assert (out / "loss.png").stat().st_size > 1000
+    model, _ = rf.load_pretrained(str(out))  # the final model is an ordinary recursify checkpoint
+    assert isinstance(model, rf.RecursiveForCausalLM)
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000030"]
+
+
+def test_lora_only_training_leaves_shared_weights_bitwise_unchanged(fx, tmp_path):
+    out = tmp_path / "lora"
+    train(config(fx, out, trainable="lora", max_tokens=8 * SEQ * 3, eval_every=-1))
+    before = rf.RecursiveForCausalLM.from_pretrained(fx / "student").state_dict()
+    after = rf.RecursiveForCausalLM.from_pretrained(out).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("lora.") for k in changed)
+
+
+def test_grad_accum_matches_one_big_batch(fx, tmp_path):
+    a = config(fx, tmp_path / "a", max_tokens=8 * SEQ * 4, eval_every=-1)
+    b = config(fx, tmp_path / "b", max_tokens=8 * SEQ * 4, eval_every=-1, grad_accum=4)
+    la, lb = train(a) and train_losses(tmp_path / "a"), train(b) and train_losses(tmp_path / "b")
+    assert la.keys() == lb.keys() == {1, 2, 3, 4}
+    for k in la:
+        assert lb[k] == pytest.approx(la[k], abs=1e-5)
+
+
+RUNNER = textwrap.dedent("""
+    import json, sys, time
+    from recursify.train.trainer import TrainConfig, train
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    delay = float(sys.argv[2])
+    result = train(cfg, on_step=lambda record: time.sleep(delay))
+    sys.exit(result.get("exit_code", 0))
+""")
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _start(script: Path, cfg: TrainConfig, delay: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict()), str(delay)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, newer_than: int, timeout: float = 90) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name.split("-")[1]) for p in list_checkpoints(out)]
+        if steps and max(steps) > newer_than:
+            return max(steps)
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no checkpoint appeared")
+
+
+def test_resume_after_real_kill_matches_uninterrupted_run(fx, tmp_path):
+    steps = 16
+    kw = dict(max_tokens=8 * SEQ * steps, save_every=3, keep_last=2, exit_schedule="self_kd")
+    train(config(fx, tmp_path / "ref", **kw))
+    reference = train_losses(tmp_path / "ref")
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    out = tmp_path / "killed"
+
+    # 1. SIGTERM: the step in flight finishes, a checkpoint is written at that step, exit 143.
+    proc = _start(script, config(fx, out, **kw), delay=0.25)
+    _wait_for_checkpoint(proc, out, newer_than=0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    stopped_at = max(train_losses(out))
+    assert list_checkpoints(out)[-1].name == f"step-{stopped_at:07d}"
+    assert stopped_at < steps
+
+    # 2. resume, then SIGKILL (no chance to clean up) once a newer checkpoint exists.
+    proc = _start(script, config(fx, out, resume=True, **kw), delay=0.25)
+    _wait_for_checkpoint(proc, out, newer_than=stopped_at)
+    time.sleep(0.3)  # let it log a step past the checkpoint, which the resume must discard
+    proc.kill()
+    proc.wait(timeout=30)
+    assert max(int(p.name.split("-")[1]) for p in list_checkpoints(out)) < steps
+
+    # 3. resume to the end, in process.
+    result = train(config(fx, out, resume=True, **kw))
+    assert result["step"] == steps and result["interrupted"] is None
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for k in reference:
+        assert resumed[k] == pytest.approx(reference[k], abs=1e-5), k
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(fx, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(max_tokens=8 * SEQ * 6, save_every=2, keep_last=3, eval_every=-1)
+    train(config(fx, out, **kw))
+    reference = train_losses(out)
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000002", "step-0000004", "step-0000006"]
+    model_file = list_checkpoints(out)[-1] / "model.safetensors"
+    with open(model_file, "r+b") as f:
+        f.truncate(model_file.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="step-0000006 is corrupted.*falling back"):
+        result = train(config(fx, out, resume=True, **kw))
+    assert result["step"] == 6
+    resumed = train_losses(out)
+    assert resumed[5] == pytest.approx(reference[5], abs=1e-6) and resumed[6] == pytest.approx(reference[6], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one clear TrainError, nothing written to out/
+# ------------------------------------------------------------------------------------------------
+
+
+def _teacher_with(tmp_path: Path, name: str, vocab: int = 97, shift: int = 0) -> Path:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": vocab}, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / name)
+    word_tokenizer(vocab, shift).save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("case", ["empty_data", "missing_data", "vocab_size", "token_ids", "max_tokens", "seq_len",
+                                  "out_exists", "exits_on_plain_model"])
+def test_bad_input_raises_before_writing(fx, tmp_path, case):
+    out = tmp_path / "out"
+    kw: dict = {}
+    if case == "empty_data":
+        (tmp_path / "empty.jsonl").write_text("\n\n")
+        kw, match = dict(data=[str(tmp_path / "empty.jsonl")]), "empty"
+    elif case == "missing_data":
+        kw, match = dict(data=[str(tmp_path / "nope.txt")]), "not found"
+    elif case == "vocab_size":
+        kw, match = dict(teacher=str(_teacher_with(tmp_path, "t101", vocab=101))), "vocabulary of 101"
+    elif case == "token_ids":
+        kw, match = dict(teacher=str(_teacher_with(tmp_path, "tperm", shift=5))), "different ids"
+    elif case == "max_tokens":
+        kw, match = dict(max_tokens=8 * SEQ - 1), "smaller than one global batch"
+    elif case == "seq_len":
+        kw, match = dict(seq_len=129, max_tokens=8 * 129), "max_position_embeddings=128"
+    elif case == "out_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        match = "already exists"
+    else:
+        kw, match = dict(student=str(fx / "teacher"), exit_schedule="weighted"), "needs a recursive student"
+    with pytest.raises(TrainError, match=match) as err:
+        train(config(fx, out, **kw))
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+    if case == "out_exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_cli_help_and_error_exit(fx, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "--exit-schedule" in capsys.readouterr().out
+    assert main(["--student", str(fx / "student"), "--out", str(tmp_path / "o"), "--alpha", "2"]) == 2
+    assert "alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: 2 gloo processes == 1 process on the same global batch
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(fx, tmp_path):
+    kw = dict(max_tokens=8 * SEQ * 4, eval_every=0, exit_schedule="aggressive")
+    single = config(fx, tmp_path / "single", **kw)
+    train(single)
+    args = ["--student", single.student, "--teacher", single.teacher, "--data", *single.data, "--cache-dir",
+            single.cache_dir, "--heldout-fraction", "0.1", "--seq-len", str(SEQ), "--batch-size", "8",
+            "--max-tokens", str(single.max_tokens), "--lr", "1e-2", "--warmup-steps", "2", "--alpha", "0.5",
+            "--exit-schedule", "aggressive", "--eval-every", "0", "--eval-tokens", str(8 * SEQ),
+            "--save-every", "0", "--no-progress", "--out", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "recursify.train.trainer", *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    for k in one:
+        assert two[k] == pytest.approx(one[k], abs=1e-5)
+    ev = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]  # noqa
+    assert ev(tmp_path / "ddp")["loss"] == pytest.approx(ev(tmp_path / "single")["loss"], abs=1e-5)
