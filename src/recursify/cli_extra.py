@@ -38,3 +38,66 @@ def eval_command(
     out.print(format_result(result))
     if json_out:
         console.print(f"wrote {write_json(result, json_out)}")
+
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("train", context_settings=_PASSTHROUGH, add_help_option=False)
+def train_command(ctx: typer.Context, student: Optional[str] = typer.Argument(None, help="Checkpoint to uptrain.")):
+    """Uptrain by distillation: recursify train STUDENT --teacher smollm2-135m --data corpus/ --out runs/x (see --help).
+
+    Runs unchanged under `accelerate launch -m recursify train ...` or torchrun (DDP/FSDP).
+    """
+    from .train.trainer import main as train_main
+
+    argv = list(ctx.args)
+    if student and not student.startswith("-"):
+        argv = ["--student", student] + argv
+    elif student:
+        argv = [student] + argv
+    code = train_main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="A training output folder (with metrics.jsonl).")):
+    """Plot the loss curves of a training run to RUN_DIR/loss.png."""
+    from .train.plot import plot_metrics
+
+    if not (run_dir / "metrics.jsonl").exists():
+        raise CLIError(f"{run_dir} has no metrics.jsonl: not a training run folder")
+    out.print(f"wrote {plot_metrics(run_dir)}")
+
+
+@app.command()
+def serve(
+    checkpoint: str = typer.Argument(..., help="A recursify checkpoint, HF causal-LM folder or bundled name."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_batch: int = typer.Option(8, help="Concurrent sequences (KV-cache slots)."),
+    exit_threshold: Optional[float] = typer.Option(None, help="Early exit when the intermediate max softmax probability ≥ this."),
+    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, oracle."),
+    max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion (default: the model's context)."),
+    max_queue: int = typer.Option(64, help="Waiting requests before 429."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+):
+    """Serve a checkpoint behind an OpenAI-compatible HTTP API (continuous depth-wise batching)."""
+    from .server import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, exit_threshold=exit_threshold,
+               exit_mode=exit_mode, max_model_len=max_model_len, max_queue=max_queue, threads=threads)
+
+
+@app.command("bench-serve", context_settings=_PASSTHROUGH, add_help_option=False)
+def bench_serve(ctx: typer.Context):
+    """Serving benchmark (rows a-f of benchmarks/serve.py); run from a source checkout. Options: see --help."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serve.py"
+    if not script.exists():
+        raise CLIError("bench-serve runs benchmarks/serve.py from a source checkout of recursify")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
