@@ -88,3 +88,25 @@ def test_help_teaches():
     assert res.returncode == 0
     for word in ("--loops", "cycle", "stepwise", "full"):
         assert word in res.stdout
+
+
+def test_eval_reports_exits_and_agreement(tiny, tmp_path):
+    import json
+
+    out = tmp_path / "rec"
+    assert run("convert", str(tiny), "--loops", "2", "--lora-rank", "full", "--out", str(out)).returncode == 0
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(f"word{i % 17} and more text {i}." for i in range(400)))
+    res = run("eval", str(out), "--data", str(text), "--teacher", str(tiny), "--seq-len", "32",
+              "--max-tokens", "512", "--tasks", "ppl,exits,agreement", "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    # Full rank reproduces the teacher: same perplexity, perfect agreement, zero KL.
+    assert result["ppl"]["ppl"] == pytest.approx(result["teacher_ppl"]["ppl"], rel=1e-4)
+    assert result["agreement"]["top1_agreement"] == 1.0
+    assert result["agreement"]["kl"] < 1e-6
+    assert set(result["exit_ppl"]) == {"1", "2"}
+
+
+def test_eval_unknown_task(tiny):
+    assert_clean_error(run("eval", str(tiny), "--tasks", "mmlu"), "unknown task 'mmlu'")
