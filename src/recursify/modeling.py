@@ -239,6 +239,40 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
         return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
+    def position_rope(self, position: Position, rope: dict):
+        """(cos, sin, is_sliding) for `position` (an int, or one per row), cos/sin shaped for heads."""
+        if isinstance(position, int):
+            is_sliding = bool(self.position_is_sliding[position])
+            cos, sin = rope[is_sliding]
+        else:
+            is_sliding = self.position_is_sliding.index_select(0, position)
+            sel = is_sliding.view(-1, 1, 1)
+            cos = torch.where(sel, rope[True][0], rope[False][0])
+            sin = torch.where(sel, rope[True][1], rope[False][1])
+        return cos.unsqueeze(1), sin.unsqueeze(1), is_sliding
+
+    def project_qkv(self, slot: int, position: Position, x: torch.Tensor, cos, sin, queries: bool = True):
+        """Post-RoPE q [B, H, T, D] (None unless `queries`) and k, v [B, H_kv, T, D] of slot's
+        attention at `position`, from the attention-normed input x. The serving engine calls it
+        alone (queries=False) to fill the KV entries of depths an early exit skipped."""
+        a = self.arch
+        bsz, seq, _ = x.shape
+        ni = self._norm_index(slot, position)
+        if self.family.fused_qkv:
+            qkv = self._linear(slot, "qkv", x, position).view(bsz, seq, a.num_heads, 3 * a.head_dim)
+            q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+        else:
+            q = self._linear(slot, "q", x, position).view(bsz, seq, a.num_heads, a.head_dim) if queries else None
+            k = self._linear(slot, "k", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
+            v = self._linear(slot, "v", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
+            if a.qk_norm:
+                k = self._norm("k_norm", k, ni)
+                q = self._norm("q_norm", q, ni) if queries else None
+            q = q.transpose(1, 2) if queries else None
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = self._rotate(q, cos, sin) if queries else None
+        return q, self._rotate(k, cos, sin), v
+
     def layer_forward(
         self,
         slot: int,
@@ -251,28 +285,10 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         a, fam = self.arch, self.family
         bsz, seq, _ = h.shape
         ni = self._norm_index(slot, position)
-        if isinstance(position, int):
-            is_sliding = bool(self.position_is_sliding[position])
-            cos, sin = rope[is_sliding]
-        else:
-            is_sliding = self.position_is_sliding.index_select(0, position)
-            sel = is_sliding.view(-1, 1, 1)
-            cos = torch.where(sel, rope[True][0], rope[False][0])
-            sin = torch.where(sel, rope[True][1], rope[False][1])
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin, is_sliding = self.position_rope(position, rope)
 
         def attention(x):
-            if fam.fused_qkv:
-                qkv = self._linear(slot, "qkv", x, position).view(bsz, seq, a.num_heads, 3 * a.head_dim)
-                q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
-            else:
-                q = self._linear(slot, "q", x, position).view(bsz, seq, a.num_heads, a.head_dim)
-                k = self._linear(slot, "k", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
-                v = self._linear(slot, "v", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
-                if a.qk_norm:
-                    q, k = self._norm("q_norm", q, ni), self._norm("k_norm", k, ni)
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k, v = self.project_qkv(slot, position, x, cos, sin)
             out = attend(q, k, v, position, is_sliding)
             out = out.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
             return self._linear(slot, "o", out, position)

@@ -63,30 +63,13 @@ def kv_projection(model, slot: int, position, h: torch.Tensor, rope: dict) -> tu
     """Post-RoPE keys and values [B, H_kv, T, D] that layer `slot` at `position` would compute
     from residual stream h, without the rest of the layer (queries, attention, MLP).
 
-    Mirrors the attention input of `RecursiveForCausalLM.layer_forward` for every family (pre-norm,
-    fused QKV, q/k norms); tests check it against the k/v that layer_forward hands to `attend`.
+    Uses the same projection as `RecursiveForCausalLM.layer_forward` (`project_qkv`); tests check
+    it against the k/v that layer_forward hands to `attend`.
     """
-    a, fam = model.arch, model.family
-    bsz, seq, _ = h.shape
-    ni = model._norm_index(slot, position)
-    if isinstance(position, int):
-        cos, sin = rope[bool(model.position_is_sliding[position])]
-    else:
-        sel = model.position_is_sliding.index_select(0, position).view(-1, 1, 1)
-        cos = torch.where(sel, rope[True][0], rope[False][0])
-        sin = torch.where(sel, rope[True][1], rope[False][1])
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x = model._norm("attn_norm", h, ni)
-    if fam.fused_qkv:
-        qkv = model._linear(slot, "qkv", x, position).view(bsz, seq, a.num_heads, 3 * a.head_dim)
-        _, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
-    else:
-        k = model._linear(slot, "k", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
-        v = model._linear(slot, "v", x, position).view(bsz, seq, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            k = model._norm("k_norm", k, ni)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-    return model._rotate(k, cos, sin), v
+    x = model._norm("attn_norm", h, model._norm_index(slot, position))
+    cos, sin, _ = model.position_rope(position, rope)
+    _, k, v = model.project_qkv(slot, position, x, cos, sin, queries=False)
+    return k, v
 
 
 class _Group:
