@@ -22,6 +22,7 @@ from recursify.eval.metrics import (
     sliding_windows,
     teacher_agreement,
 )
+from tiny_models import bpe_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -33,22 +34,7 @@ CORPUS = [
 
 
 def tiny_tokenizer():
-    """Byte-level BPE trained offline on a few sentences (encodes any text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+    return bpe_tokenizer(CORPUS, vocab_size=320)
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True):

@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 
 from recursify.eval.harness import PAPER_TASKS, format_table, resolve_tasks, run_paper_tasks, task_manager
 from recursify.eval.tasks import utils as task_utils
+from tiny_models import bpe_tokenizer
 
 ROOT = task_utils.data_root()
 SOURCES = {  # task -> arrow folder of the source data (LAMBADA: the oe-eval requests file)
@@ -42,22 +43,7 @@ CORPUS = [
 
 
 def _tokenizer():
-    """Byte-level BPE trained offline on a few sentences (encodes any text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+    return bpe_tokenizer(CORPUS, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
