@@ -110,3 +110,15 @@ def test_eval_reports_exits_and_agreement(tiny, tmp_path):
 
 def test_eval_unknown_task(tiny):
     assert_clean_error(run("eval", str(tiny), "--tasks", "mmlu"), "unknown task 'mmlu'")
+
+
+def test_report_bad_inputs(tiny, tmp_path):
+    assert_clean_error(run("report", "--budget", "huge", "--out", str(tmp_path / "r")), "unknown budget 'huge'")
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
+    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    res = run("report", "--model", str(tmp_path / "bert"), "--data", str(text), "--heldout", str(text), "--out", str(tmp_path / "r"))
+    assert_clean_error(res, "is not supported")
+    res = run("report", "--list")
+    assert res.returncode == 0 and "truncated-kd" in res.stdout and "rec-cycle-average-r64-kd-exit_aggressive" in res.stdout

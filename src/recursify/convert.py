@@ -123,6 +123,37 @@ def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool 
     return model.eval()
 
 
+@torch.no_grad()
+def with_rank(model: RecursiveForCausalLM, rank) -> RecursiveForCausalLM:
+    """The same conversion at a lower LoRA rank, by keeping the leading SVD components.
+
+    A truncated SVD at rank r is the first r components of any higher-rank one, so a single
+    full-rank conversion yields every lower rank without another decomposition (what an ablation
+    over ranks needs). Only meaningful for SVD-initialised adapters that were not trained since.
+    """
+    if model.recursion.lora_init != "svd":
+        raise ValueError("with_rank needs SVD-initialised adapters (lora_init='svd')")
+    recursion = RecursionConfig.from_dict({**model.recursion.to_dict(), "lora_rank": rank})
+    config = RecursiveConfig(base_config=model.config.base_config, recursion=recursion.to_dict(),
+                             family=model.config.family)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["RecursiveForCausalLM"]
+    new = RecursiveForCausalLM(config).float()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("lora.")}
+    for name, lora in new.lora.items():
+        old = model.lora[name] if name in model.lora else None
+        if old is None or old.rank < lora.rank:
+            raise ValueError(f"the source model's {name!r} adapter has rank {old.rank if old else 0} < {lora.rank}")
+        state[f"lora.{name}.lora_A"] = old.lora_A[:, : lora.rank]
+        state[f"lora.{name}.lora_B"] = old.lora_B[:, :, : lora.rank]
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"with_rank: state does not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if new.arch.tie_word_embeddings:
+        new.tie_weights()
+    return new.eval()
+
+
 def _norms(stack: torch.Tensor, layout: Layout, recursion: RecursionConfig) -> torch.Tensor:
     """Per-position copies by default; per-slot values (same init rule) with share_norms."""
     if not recursion.share_norms:
@@ -141,4 +172,4 @@ def layer_count_summary(model: RecursiveForCausalLM) -> dict[str, int]:
     }
 
 
-__all__ = ["convert", "build_config", "source_layer_for_slot", "layer_count_summary", "AUTO_MAP"]
+__all__ = ["convert", "with_rank", "build_config", "source_layer_for_slot", "layer_count_summary", "AUTO_MAP"]

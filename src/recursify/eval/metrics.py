@@ -205,6 +205,45 @@ def teacher_agreement(
     return {"kl": kl_sum / count, "top1_agreement": agree / count, "tokens": count}
 
 
+def confidence_exit_curve(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    sequences: SequencesLike,
+    thresholds: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.01),
+    batch_size: int = 8,
+) -> list[dict]:
+    """Average exit depth against top-1 agreement with the teacher, for confidence-based exits.
+
+    Every token exits at the first loop whose top-1 probability reaches the threshold (the last
+    loop always answers), which is the serving engine's `confidence` rule applied offline to all
+    exits of one forward. Threshold 0 exits everything after loop 1; above 1 nothing exits early.
+    Returns one ``{"threshold", "mean_loops", "agreement"}`` per threshold.
+    """
+    seqs = [s for s in _as_sequences(sequences) if len(s) > 0]
+    loops = model.layout.num_loops
+    device, t_device = _device_of(model), _device_of(teacher)
+    conf, pred, target = [], [], []
+    with _eval_mode(model, teacher):
+        for batch in _batched(seqs, batch_size):
+            ids, mask = _pad_right(batch, device)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_loop_states=True)
+            valid = mask.bool()
+            per_loop = [torch.softmax(model.exit_logits(h)[valid].float(), -1).max(-1) for h in out.loop_hidden_states]
+            conf.append(torch.stack([p.values for p in per_loop]))  # [loops, tokens]
+            pred.append(torch.stack([p.indices for p in per_loop]))
+            target.append(_logits(teacher, ids.to(t_device), mask.to(t_device))[valid.to(t_device)].argmax(-1).to(device))
+    conf, pred, target = torch.cat(conf, 1), torch.cat(pred, 1), torch.cat(target)
+    curve = []
+    for tau in thresholds:
+        reached = conf >= tau
+        reached[-1] = True  # the last loop always answers
+        exit_loop = reached.float().argmax(0)  # first loop that is confident enough
+        chosen = pred.gather(0, exit_loop[None]).squeeze(0)
+        curve.append({"threshold": float(tau), "mean_loops": float(exit_loop.float().mean()) + 1,
+                      "agreement": float((chosen == target).float().mean()), "loops": loops})
+    return curve
+
+
 # --------------------------------------------------------------------------- cloze accuracy
 
 

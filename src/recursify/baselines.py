@@ -1,0 +1,65 @@
+"""Parameter-matched baselines: plain (non-recursive) models built from a subset of the source layers.
+
+A recursive model with K unique layers is only worth having if it beats a plain K-layer model of
+the same size. These builders give the two obvious ones as ordinary Hugging Face models of the
+source family, so every tool (training, lm-eval, generation) treats them like any other model:
+
+* `truncated(model, k)`: the first k layers plus the final norm and head;
+* `layer_subset(model, layers)`: any chosen layers in order, e.g. the stepwise ones
+  (`stepwise_layers`), i.e. the recursive model's shared block run once, without looping.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import reduce
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .families import detect_family
+
+
+def _get(module, path: str):
+    return reduce(getattr, path.split("."), module)
+
+
+@torch.no_grad()
+def layer_subset(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A plain model of the same family made of `layers` (source indices, in this order)."""
+    family = detect_family(model.config)
+    source_layers = _get(model, family.layers)
+    n = len(source_layers)
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"layer indices must be in [0, {n}), got {layers}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    new = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    prefix = family.layers + "."
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    missing, unexpected = new.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not k.startswith(prefix) and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"layer_subset: state does not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for target, i in zip(_get(new, family.layers), layers):
+        target.load_state_dict(source_layers[i].state_dict())
+    if cfg.tie_word_embeddings:
+        new.tie_weights()
+    else:
+        new.get_output_embeddings().weight.copy_(model.get_output_embeddings().weight)
+    return new.eval()
+
+
+def truncated(model: PreTrainedModel, k: int) -> PreTrainedModel:
+    """The first k layers + final norm + head."""
+    return layer_subset(model, list(range(k)))
+
+
+def stepwise_layers(num_layers: int, k: int) -> list[int]:
+    """round(linspace(0, L-1, k)): the layers a stepwise-initialised recursive block starts from."""
+    return torch.linspace(0, num_layers - 1, k).round().long().tolist() if k > 1 else [0]
+
+
+__all__ = ["layer_subset", "truncated", "stepwise_layers"]

@@ -1,0 +1,339 @@
+"""Turn finished cells into report.md, results.json and three PNG plots.
+
+The findings section compares our numbers with the paper's claims one by one. A difference in
+perplexity smaller than `NOISE` (relative) is called inconclusive: a tiny KD budget and a few
+thousand held-out tokens cannot resolve more than that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+from .plan import Cell
+
+NOISE = 0.02  # relative perplexity difference below which a comparison is inconclusive
+PLOTS = {"ppl_vs_params": "ppl_vs_params.png", "ppl_vs_tokens": "ppl_vs_tokens.png",
+         "exit_vs_agreement": "exit_vs_agreement.png"}
+
+
+def _rec(**kw) -> str:
+    return Cell(model="recursive", trained=kw.pop("trained", True), **kw).key
+
+
+def _fmt_ppl(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.1f}" if x < 1e4 else f"{x:.2e}"
+
+
+def _fmt_params(n) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+class Results:
+    def __init__(self, summary: dict):
+        self.summary = summary
+        self.cells = {c["key"]: c for c in summary["cells"]}
+        self.budget = summary["budget"]
+
+    def get(self, key: str) -> dict | None:
+        c = self.cells.get(key)
+        return c["result"] if c else None
+
+    def ppl(self, key: str) -> float | None:
+        r = self.get(key)
+        return r["ppl"] if r else None
+
+    def tagged(self, tag: str) -> list[dict]:
+        return [c for c in self.summary["cells"] if tag in c["tags"]]
+
+    @property
+    def mid_rank(self):
+        ranks = self.budget["ranks"]
+        return 64 if 64 in ranks else next(r for r in ranks if r not in (0, "full"))
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main_table(res: Results) -> str:
+    from ..eval.harness import DISPLAY_NAMES, PAPER_TASKS
+
+    cells = res.tagged("main")
+    tasks = [t for t in PAPER_TASKS if any("paper" in c["result"] for c in cells)]
+    header = ["model", "params (M)", "ppl before KD", "ppl after KD", "top-1 agreement"]
+    header += [DISPLAY_NAMES[t] for t in tasks] + (["avg (7 tasks)"] if tasks else [])
+    rows = []
+    for c in cells:
+        r = c["result"]
+        teacher = c["cell"]["model"] == "teacher"
+        row = [f"**{c['label']}**" if teacher else c["label"], _fmt_params(r["params"]),
+               _fmt_ppl(r["ppl"]) if teacher else _fmt_ppl(r.get("ppl_before")),
+               "–" if teacher else _fmt_ppl(r["ppl"]),
+               "1.000" if teacher else (f"{r['agreement']:.3f}" if "agreement" in r else "–")]
+        paper = r.get("paper")
+        row += [f"{100 * paper['tasks'][t]['value']:.1f}" if paper and t in paper["tasks"] else "–" for t in tasks]
+        if tasks:
+            row.append(f"**{100 * paper['average']:.1f}**" if paper else "–")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def grid_table(res: Results) -> str:
+    b = res.budget
+    header = ["strategy", "init"] + [f"r={r}" for r in b["ranks"]]
+    rows = []
+    for s in b["strategies"]:
+        for i in b["inits"]:
+            rows.append([s, i] + [_fmt_ppl(res.ppl(_rec(strategy=s, init=i, rank=r, trained=False))) for r in b["ranks"]])
+    return _table(header, rows)
+
+
+def trained_table(res: Results) -> str:
+    keys = []
+    for tag in ("grid_trained", "strategy", "init_recursive", "init_relaxed", "lora_init", "kd", "rank"):
+        keys += [c["key"] for c in res.tagged(tag) if c["key"] not in keys]
+    rows = []
+    for k in keys:
+        c = res.cells[k]
+        r = c["result"]
+        exits = " / ".join(_fmt_ppl(x) for x in r.get("exit_ppl", [])) or "–"
+        rows.append([c["label"], _fmt_params(r["params"]), _fmt_ppl(r["ppl"]), exits,
+                     f"{r['agreement']:.3f}" if "agreement" in r else "–", f"{r.get('train_seconds', 0):.0f}"])
+    return _table(["model (after KD)", "params (M)", "ppl", "ppl per exit (loop 1 / 2 …)", "top-1 agreement",
+                   "train s"], rows)
+
+
+def exit_table(res: Results) -> str:
+    rows = []
+    for c in res.tagged("exits"):
+        r = c["result"]
+        curve = {round(p["threshold"], 2): p for p in r.get("exit_curve", [])}
+        pick = [curve.get(t) for t in (0.8, 0.9)]
+        rows.append([c["cell"]["exit_schedule"], " / ".join(_fmt_ppl(x) for x in r.get("exit_ppl", [])),
+                     f"{r.get('agreement', float('nan')):.3f}"]
+                    + [f"{p['mean_loops']:.2f} loops, {p['agreement']:.3f}" if p else "–" for p in pick])
+    return _table(["exit loss", "ppl per exit", "top-1 agreement (full depth)", "conf ≥ 0.8: depth, agreement",
+                   "conf ≥ 0.9: depth, agreement"], rows)
+
+
+# -------------------------------------------------------------------------------------- findings
+
+
+def _verdict(ours_better: bool | None) -> str:
+    return {True: "**agrees**", False: "**disagrees**", None: "inconclusive"}[ours_better]
+
+
+def _better(a: float | None, b: float | None) -> bool | None:
+    """True if perplexity a is clearly lower than b, False if clearly higher, None within noise."""
+    if a is None or b is None:
+        return None
+    if abs(a - b) <= NOISE * min(a, b):
+        return None
+    return a < b
+
+
+def _best(res: Results, keys: dict[str, str]) -> tuple[str | None, str]:
+    vals = {name: res.ppl(k) for name, k in keys.items() if res.ppl(k) is not None}
+    if not vals:
+        return None, "not measured"
+    ranked = sorted(vals, key=vals.get)
+    text = ", ".join(f"{n} {_fmt_ppl(vals[n])}" for n in ranked)
+    if len(ranked) > 1 and abs(vals[ranked[0]] - vals[ranked[1]]) <= NOISE * vals[ranked[0]]:
+        return None, text
+    return ranked[0], text
+
+
+def findings(res: Results) -> list[dict]:
+    r = res.mid_rank
+    out = []
+
+    cyc, seq = res.ppl(_rec(strategy="cycle", init="stepwise", rank=0)), res.ppl(_rec(strategy="sequence", init="stepwise", rank=0))
+    out.append({"name": "CYCLE vs SEQUENCE", "paper": "CYCLE sharing beats SEQUENCE sharing.",
+                "ours": f"recursive r=0, stepwise, after KD: cycle {_fmt_ppl(cyc)} vs sequence {_fmt_ppl(seq)}",
+                "verdict": _verdict(_better(cyc, seq))})
+
+    best, text = _best(res, {i: _rec(strategy="cycle", init=i, rank=0) for i in res.budget["inits"]})
+    out.append({"name": "Initialisation of the recursive model", "paper": "Stepwise is the best init for the plain recursive model.",
+                "ours": f"cycle r=0 after KD: {text}", "verdict": _verdict(None if best is None else best == "stepwise")})
+
+    best, text = _best(res, {i: _rec(strategy="cycle", init=i, rank=r) for i in res.budget["inits"]})
+    out.append({"name": "Initialisation of the relaxed model", "paper": "Average is the best init once LoRA relaxes the sharing.",
+                "ours": f"cycle r={r} after KD: {text}", "verdict": _verdict(None if best is None else best == "average")})
+
+    svd, zero = res.ppl(_rec(strategy="cycle", init="average", rank=r)), res.ppl(_rec(strategy="cycle", init="average", rank=r, lora_init="zero"))
+    out.append({"name": "SVD vs zero LoRA init", "paper": "Initialising LoRA from the SVD of the residual beats zero init.",
+                "ours": f"cycle average r={r} after KD: SVD {_fmt_ppl(svd)} vs zero {_fmt_ppl(zero)}",
+                "verdict": _verdict(_better(svd, zero))})
+
+    kd, lm = res.ppl(_rec(strategy="cycle", init="stepwise", rank=0)), res.ppl(_rec(strategy="cycle", init="stepwise", rank=0, objective="lm"))
+    out.append({"name": "Knowledge distillation", "paper": "Uptraining with KD from the original model beats the LM loss alone.",
+                "ours": f"cycle stepwise r=0, same tokens: KD {_fmt_ppl(kd)} vs LM only {_fmt_ppl(lm)}",
+                "verdict": _verdict(_better(kd, lm))})
+
+    ex = {c["cell"]["exit_schedule"]: c["result"] for c in res.tagged("exits")}
+    if {"none", "aggressive"} <= set(ex) and all("exit_ppl" in x for x in ex.values()):
+        first = {k: v["exit_ppl"][0] for k, v in ex.items()}
+        last = {k: v["exit_ppl"][-1] for k, v in ex.items()}
+        helps_exit = _better(first["aggressive"], first["none"])
+        keeps_final = None
+        if "weighted" in ex:
+            keeps_final = _better(last["aggressive"], last["weighted"])
+            if keeps_final is None:  # within noise of weighted is fine if the exit itself improved
+                keeps_final = True if helps_exit else None
+        verdict = None if helps_exit is None else (helps_exit and keeps_final is not False)
+        text = "; ".join(f"{k}: loop 1 {_fmt_ppl(first[k])}, final {_fmt_ppl(last[k])}" for k in ex)
+        out.append({"name": "Early-exit loss weights",
+                    "paper": "Aggressive weights (small on intermediate loops, 1 on the last) make early exits usable "
+                             "while keeping the final loop closer to its quality than proportional weights.",
+                    "ours": text, "verdict": _verdict(verdict)})
+
+    rec0 = res.ppl(_rec(strategy="cycle", init="stepwise", rank=0))
+    trunc, subset = res.ppl("truncated-kd"), res.ppl("layer_subset-kd")
+    base = min([x for x in (trunc, subset) if x is not None], default=None)
+    out.append({"name": "Recursive vs parameter-matched baselines",
+                "paper": "The recursive model beats plain models of the same size (truncated / fewer layers) after the same uptraining.",
+                "ours": f"recursive r=0 {_fmt_ppl(rec0)} vs truncated {_fmt_ppl(trunc)}, K stepwise layers {_fmt_ppl(subset)}",
+                "verdict": _verdict(_better(rec0, base))})
+
+    ranks = [x for x in res.budget["ranks"] if x != "full"]
+    vals = [(x, res.ppl(_rec(strategy="cycle", init="average" if x else "stepwise", rank=x))) for x in ranks]
+    vals = [(x, v) for x, v in vals if v is not None]
+    if len(vals) > 1:
+        mono = all(not _better(vals[i][1], vals[i + 1][1]) for i in range(len(vals) - 1))
+        out.append({"name": "Relaxation (LoRA rank)", "paper": "Higher LoRA rank brings the model closer to the original.",
+                    "ours": "after KD: " + ", ".join(f"r={x} {_fmt_ppl(v)}" for x, v in vals),
+                    "verdict": _verdict(mono if vals[-1][1] < vals[0][1] else False)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def plot_all(res: Results, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    teacher = res.get("teacher")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in res.summary["cells"]:
+        r = c["result"]
+        if not c["cell"]["trained"] or c["cell"]["exit_schedule"] != "none" or c["cell"]["objective"] != "kd":
+            continue
+        kind = c["cell"]["model"]
+        marker = {"truncated": "s", "layer_subset": "D"}.get(kind, "o")
+        color = {"truncated": "tab:red", "layer_subset": "tab:orange"}.get(kind, "tab:blue" if c["cell"]["rank"] == 0 else "tab:green")
+        if c["cell"]["variant"] == "residual":
+            color, marker = "tab:purple", "^"
+        ax.scatter(r["params"] / 1e6, r["ppl"], c=color, marker=marker, s=36)
+        if "main" in c["tags"]:
+            ax.annotate(c["label"].replace("recursive ", "rec ").replace("relaxed ", "rel "), (r["params"] / 1e6, r["ppl"]),
+                        fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if teacher:
+        ax.scatter(teacher["params"] / 1e6, teacher["ppl"], c="black", marker="*", s=120, label="teacher")
+        ax.legend(loc="upper right")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(f"After {res.budget['train_tokens']:,} KD tokens: perplexity vs parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["ppl_vs_params"] = out / PLOTS["ppl_vs_params"]
+    fig.savefig(paths["ppl_vs_params"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in res.tagged("main"):
+        curve = c["result"].get("curve")
+        if curve:
+            ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", ms=3, label=c["label"])
+    if teacher:
+        ax.axhline(teacher["ppl"], color="black", ls="--", lw=1, label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("KD training tokens")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("Perplexity during uptraining")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["ppl_vs_tokens"] = out / PLOTS["ppl_vs_tokens"]
+    fig.savefig(paths["ppl_vs_tokens"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for c in res.tagged("exits"):
+        curve = c["result"].get("exit_curve")
+        if curve:
+            ax.plot([p["mean_loops"] for p in curve], [p["agreement"] for p in curve], marker="o", ms=3,
+                    label=f"{c['cell']['exit_schedule']} exit loss")
+    ax.set_xlabel("mean loops run per token (confidence exit)")
+    ax.set_ylabel("top-1 agreement with the teacher")
+    ax.set_title("Early exit: depth vs agreement")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["exit_vs_agreement"] = out / PLOTS["exit_vs_agreement"]
+    fig.savefig(paths["exit_vs_agreement"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def render_markdown(res: Results, command: str) -> str:
+    s, b = res.summary, res.budget
+    lines = [f"# recursify report: {s['model']}, budget `{b['name']}`", ""]
+    lines += [f"Regenerate: `{command}`", ""]
+    limit = "all items" if b["task_limit"] is None else f"the first {b['task_limit']} items of each task"
+    lines += [
+        f"- {b['num_loops']} loops; {b['train_tokens']:,} KD tokens per trained model (batch {b['batch_size']} x "
+        f"{b['seq_len']}, lr {b['lr']}), the same for every baseline.",
+        f"- Perplexity: strided sliding window (context {b['eval_context']}, stride {b['eval_context'] // 2}) over "
+        f"{s['heldout_tokens']:,} held-out tokens of {', '.join(s['heldout'])}; training text: {', '.join(s['data'])}.",
+        f"- Benchmarks: the paper's seven tasks through lm-evaluation-harness, zero-shot, {limit}.",
+        f"- Held-out sequences found in the training data: {s['overlap_sequences']}.",
+        f"- {len(s['cells'])} cells, {s.get('seconds', 0) / 60:.1f} minutes for this run "
+        f"({len(s.get('computed', []))} computed, the rest cached); {platform.machine()}.",
+        "",
+        "## Teacher, baselines and recursive models",
+        "",
+        main_table(res),
+        "",
+        f"![perplexity vs parameters]({PLOTS['ppl_vs_params']})",
+        "",
+        "## Findings against the paper",
+        "",
+        f"A perplexity difference under {NOISE:.0%} is called inconclusive.",
+        "",
+    ]
+    for f in findings(res):
+        lines += [f"- **{f['name']}** — {f['verdict']}", f"  - paper: {f['paper']}", f"  - ours: {f['ours']}"]
+    lines += ["", "## Conversion alone (no training): held-out perplexity", "", grid_table(res), "",
+              "Full rank reproduces the teacher (a check of the conversion); low ranks do not help before uptraining.", "",
+              "## After KD", "", trained_table(res), "", f"![perplexity during uptraining]({PLOTS['ppl_vs_tokens']})", "",
+              "## Early-exit recipes", "", exit_table(res), "", f"![exit depth vs agreement]({PLOTS['exit_vs_agreement']})", ""]
+    return "\n".join(lines)
+
+
+def write_report(summary: dict, out: Path, command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    res = Results(summary)
+    plot_all(res, out)
+    (out / "results.json").write_text(json.dumps({**summary, "findings": findings(res)}, indent=1, default=str))
+    path = out / "report.md"
+    path.write_text(render_markdown(res, command))
+    return path

@@ -1,0 +1,312 @@
+"""Run the cells of a report, one at a time, caching each finished cell as JSON.
+
+Every cell is measured the same way (`measure`): strided held-out perplexity, per-exit perplexity,
+agreement with the teacher, the confidence-exit curve, and optionally the seven lm-eval tasks.
+Trained cells go through the ordinary trainer (`recursify.train.trainer.train`) with the budget's
+KD token count, so a report number means exactly what `recursify train` would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .plan import BUDGETS, Budget, Cell, plan_cells
+
+
+class ReportError(ValueError):
+    """A report that cannot run as asked; the message is one line meant for the user."""
+
+
+@dataclass
+class ReportConfig:
+    model: str = "smollm2-135m"
+    budget: str | Budget = "small"
+    out: str = "reports/smollm2"
+    data: list[str] = field(default_factory=lambda: ["corpus/python-docs/train"])
+    heldout: list[str] = field(default_factory=lambda: ["corpus/python-docs/heldout"])
+    benchmarks: bool = True  # run the seven lm-eval tasks on the main models
+    train_tokens: int | None = None  # override the budget's KD tokens per trained cell
+    task_limit: int | None = None  # override the budget's items per lm-eval task
+    rerun: bool = False  # ignore cached cells
+    progress: bool = True
+
+    def resolve_budget(self) -> Budget:
+        if isinstance(self.budget, Budget):
+            budget = self.budget
+        elif self.budget in BUDGETS:
+            budget = BUDGETS[self.budget]
+        else:
+            raise ReportError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if self.train_tokens is not None:
+            budget = dataclasses.replace(budget, train_tokens=self.train_tokens)
+        if self.task_limit is not None:
+            budget = dataclasses.replace(budget, task_limit=self.task_limit)
+        if budget.train_tokens < budget.seq_len * budget.batch_size:
+            raise ReportError(f"train_tokens={budget.train_tokens} is less than one batch "
+                              f"({budget.batch_size} x {budget.seq_len} tokens)")
+        return budget
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class ReportRunner:
+    """Holds what every cell shares: the teacher, the held-out tokens, the budget, the cache."""
+
+    def __init__(self, cfg: ReportConfig, console=None):
+        self.cfg, self.console = cfg, console
+        self.budget = cfg.resolve_budget()
+        self.out = Path(cfg.out)
+        self.cells_dir = self.out / "cells"
+        self.cache = self.out / ".cache"
+        for src in list(cfg.data) + list(cfg.heldout):
+            if not Path(src).exists():
+                raise ReportError(f"data not found: {src} (fetch the default corpora with scripts/fetch_corpora.sh)")
+        self.fingerprint = self.budget.fingerprint({"model": cfg.model, "data": cfg.data, "heldout": cfg.heldout})
+        self._converted: tuple[tuple, object] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def log(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+    def setup(self) -> None:
+        import recursify as rf
+
+        from ..config import ConfigError, Layout, RecursionConfig
+        from ..families import UnsupportedModelError, detect_family
+        from ..train.data import DataConfig, DataError, build_datasets, overlap_report
+
+        try:
+            self.teacher, self.tok = rf.load_pretrained(self.cfg.model)
+            detect_family(self.teacher.config)
+        except (rf.ModelLoadError, UnsupportedModelError) as e:
+            raise ReportError(str(e)) from e
+        L = self.teacher.config.num_hidden_layers
+        strategies = []
+        for s in self.budget.strategies:
+            try:
+                Layout.build(L, RecursionConfig(num_loops=self.budget.num_loops, strategy=s))
+                strategies.append(s)
+            except ConfigError as e:
+                self.log(f"[yellow]warning:[/] skipping strategy {s}: {e}")
+        if "cycle" not in strategies:
+            raise ReportError(f"num_loops={self.budget.num_loops} does not divide the {L} layers of {self.cfg.model}")
+        self.budget = dataclasses.replace(self.budget, strategies=tuple(strategies))
+        self.num_layers, self.block = L, L // self.budget.num_loops
+
+        # The trainer loads its teacher by path: keep one float copy, written once.
+        self.teacher_dir = self.cache / "teacher"
+        if not (self.teacher_dir / "config.json").exists():
+            tmp = self.cache / "teacher.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.teacher.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            shutil.rmtree(self.teacher_dir, ignore_errors=True)
+            os.replace(tmp, self.teacher_dir)
+
+        b = self.budget
+        try:
+            heldout, _ = build_datasets(DataConfig(sources=self.cfg.heldout, seq_len=b.eval_context, heldout_fraction=0.0,
+                                                   max_tokens=b.eval_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
+            train_seqs, _ = build_datasets(DataConfig(sources=self.cfg.data, seq_len=b.seq_len, heldout_fraction=0.0,
+                                                      max_tokens=b.train_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
+            heldout_seqs, _ = build_datasets(DataConfig(sources=self.cfg.heldout, seq_len=b.seq_len, heldout_fraction=0.0,
+                                                        max_tokens=b.eval_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
+        except DataError as e:
+            raise ReportError(str(e)) from e
+        n = min(heldout.num_tokens, b.eval_tokens)
+        if n < 2 * b.eval_context:
+            raise ReportError(f"held-out data has {n} tokens; the budget needs at least {2 * b.eval_context}")
+        self.stream = torch.as_tensor(heldout.read_tokens(0, n).astype("int64"))
+        m = min(n, b.agreement_tokens) // b.eval_context * b.eval_context
+        self.agreement_seqs = self.stream[:m].view(-1, b.eval_context)
+        self.overlap = overlap_report(train_seqs, heldout_seqs)
+        if self.overlap:
+            self.log(f"[yellow]warning:[/] {self.overlap} held-out sequences also occur in the training data; "
+                     "perplexities are optimistic")
+
+    # ------------------------------------------------------------------ models
+    def build(self, cell: Cell):
+        import recursify as rf
+
+        from ..baselines import layer_subset, stepwise_layers, truncated
+        from ..convert import with_rank
+
+        if cell.model == "teacher":
+            return self.teacher
+        if cell.model == "truncated":
+            return truncated(self.teacher, self.block)
+        if cell.model == "layer_subset":
+            return layer_subset(self.teacher, stepwise_layers(self.num_layers, self.block))
+        recursion = rf.RecursionConfig(**cell.recursion(self.budget.num_loops))
+        if cell.trained or cell.lora_init != "svd" or cell.rank == 0 or cell.variant != "relaxed":
+            return rf.convert(self.teacher, recursion, progress=False)
+        # untrained SVD ranks of one (strategy, init): one full conversion, truncated per rank
+        group = (cell.strategy, cell.init)
+        if self._converted is None or self._converted[0] != group:
+            self._converted = None
+            top = "full" if "full" in self.budget.ranks else max(r for r in self.budget.ranks if r != "full")
+            self._converted = (group, rf.convert(self.teacher, dataclasses.replace(recursion, lora_rank=top), progress=False))
+        return with_rank(self._converted[1], cell.rank)
+
+    def measure(self, model, cell: Cell) -> dict:
+        from ..eval.evaluate import ExitView
+        from ..eval.harness import run_paper_tasks
+        from ..eval.metrics import confidence_exit_curve, count_parameters, perplexity, teacher_agreement
+        from ..modeling import RecursiveForCausalLM
+
+        b = self.budget
+        ppl = lambda m: perplexity(m, self.stream, context_len=b.eval_context, stride=b.eval_context // 2,  # noqa: E731
+                                   batch_size=b.batch_eval)["ppl"]
+        r = {"params": count_parameters(model), "params_non_embedding": count_parameters(model, exclude_embeddings=True)}
+        r["ppl"] = ppl(model)
+        recursive = isinstance(model, RecursiveForCausalLM) and model.layout.loopable and model.layout.num_loops > 1
+        if recursive and (cell.trained or "exits" in cell.tags):
+            r["exit_ppl"] = [ppl(ExitView(model, k)) for k in range(1, model.layout.num_loops + 1)]
+        if cell.model != "teacher" and cell.trained:
+            a = teacher_agreement(model, self.teacher, self.agreement_seqs, batch_size=b.batch_eval)
+            r["kl"], r["agreement"] = a["kl"], a["top1_agreement"]
+        if recursive and "exits" in cell.tags:
+            r["exit_curve"] = confidence_exit_curve(model, self.teacher, self.agreement_seqs, batch_size=b.batch_eval)
+        if cell.benchmarks:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                paper = run_paper_tasks(model, tokenizer=self.tok, limit=b.task_limit, batch_size=b.batch_eval)
+            paper.pop("raw", None)
+            r["paper"] = paper
+        return r
+
+    def train(self, cell: Cell, model) -> tuple[object, dict, Path]:
+        """Uptrain a copy of `model` with the ordinary trainer; returns the trained model and training facts."""
+        import recursify as rf
+
+        from ..train.trainer import TrainConfig, train
+
+        b = self.budget
+        work = self.cache / "work" / cell.key
+        shutil.rmtree(work, ignore_errors=True)
+        model.save_pretrained(work / "student")
+        self.tok.save_pretrained(work / "student")
+        steps = b.train_tokens // (b.batch_size * b.seq_len)
+        kd = cell.objective == "kd"
+        t0 = time.time()
+        result = train(TrainConfig(
+            student=str(work / "student"), teacher=str(self.teacher_dir) if kd else "none", alpha=1.0 if kd else 0.0,
+            data=list(self.cfg.data), heldout=list(self.cfg.heldout), cache_dir=str(self.cache / "tokens"),
+            out=str(work / "run"), max_tokens=b.train_tokens, seq_len=b.seq_len, batch_size=b.batch_size, lr=b.lr,
+            warmup_steps=b.warmup_steps, exit_schedule=cell.exit_schedule, eval_every=max(1, steps // b.curve_points),
+            eval_tokens=b.agreement_tokens, save_every=0, keep_last=1, progress=False, seed=0))
+        if result.get("interrupted"):
+            raise KeyboardInterrupt
+        records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        curve = [{"tokens": r["tokens"], "ppl": r["ppl"], "exit_ppl": r.get("exit_ppl")} for r in records
+                 if r.get("kind") == "eval"]
+        trained, _ = rf.load_pretrained(str(work / "run"))
+        facts = {"train_tokens": result["tokens"], "train_seconds": time.time() - t0,
+                 "train_tokens_per_s": result.get("tokens_per_s"), "curve": curve}
+        return trained, facts, work
+
+    # ------------------------------------------------------------------ cells
+    def cached(self, cell: Cell) -> dict | None:
+        path = self.cells_dir / f"{cell.key}.json"
+        if self.cfg.rerun or not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if data.get("fingerprint") != self.fingerprint:
+            return None
+        if cell.benchmarks and "paper" not in data["result"]:
+            return None
+        return data
+
+    def run_cell(self, cell: Cell) -> dict:
+        t0 = time.time()
+        model = self.build(cell)
+        result: dict = {}
+        work = None
+        if cell.trained:
+            if "main" in cell.tags:
+                result["ppl_before"] = self.measure(model, dataclasses.replace(cell, trained=False, benchmarks=False))["ppl"]
+            model, facts, work = self.train(cell, model)
+            result.update(facts)
+        result.update(self.measure(model, cell))
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        data = {"key": cell.key, "label": cell.label, "cell": {k: v for k, v in dataclasses.asdict(cell).items() if k != "tags"},
+                "tags": list(cell.tags), "fingerprint": self.fingerprint, "result": result, "seconds": time.time() - t0}
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.cells_dir / f"{cell.key}.json", data)
+        return data
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cells = plan_cells(self.budget, benchmarks=self.cfg.benchmarks)
+        done, todo = {}, []
+        for c in cells:
+            hit = self.cached(c)
+            if hit is not None:
+                done[c.key] = {**hit, "tags": list(c.tags)}
+            else:
+                todo.append(c)
+        if done:
+            self.log(f"{len(done)} of {len(cells)} cells already done in {self.cells_dir}; running the other {len(todo)}")
+        bar = tqdm(todo, desc="report", disable=not self.cfg.progress, unit="cell")
+        computed = []
+        for c in bar:
+            bar.set_postfix_str(c.key)
+            done[c.key] = self.run_cell(c)
+            computed.append(c.key)
+            r = done[c.key]["result"]
+            bar.write(f"{c.label:<55} ppl {r['ppl']:>12.4g}   {done[c.key]['seconds']:6.1f} s")
+        self._converted = None
+        return {"cells": [done[c.key] for c in cells], "computed": computed, "budget": dataclasses.asdict(self.budget),
+                "model": self.cfg.model, "data": self.cfg.data, "heldout": self.cfg.heldout,
+                "overlap_sequences": self.overlap, "heldout_tokens": int(self.stream.numel())}
+
+
+def run_report(cfg: ReportConfig, console=None) -> dict:
+    """Run (or resume) a report and write report.md, results.json and the plots into cfg.out."""
+    from .render import write_report
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per report, not one per checkpoint load
+    runner = ReportRunner(cfg, console)
+    t0 = time.time()
+    runner.setup()
+    summary = runner.run()
+    summary["seconds"] = time.time() - t0
+    write_report(summary, Path(cfg.out), command=_command(cfg))
+    return summary
+
+
+def _command(cfg: ReportConfig) -> str:
+    budget = cfg.budget.name if isinstance(cfg.budget, Budget) else cfg.budget
+    parts = ["recursify report", f"--model {cfg.model}", f"--budget {budget}", f"--out {cfg.out}"]
+    if cfg.data != ReportConfig().data:
+        parts.append(f"--data {','.join(cfg.data)}")
+    if cfg.heldout != ReportConfig().heldout:
+        parts.append(f"--heldout {','.join(cfg.heldout)}")
+    if cfg.train_tokens is not None:
+        parts.append(f"--train-tokens {cfg.train_tokens}")
+    if cfg.task_limit is not None:
+        parts.append(f"--limit {cfg.task_limit}")
+    if not cfg.benchmarks:
+        parts.append("--no-benchmarks")
+    return " ".join(parts)
