@@ -178,6 +178,61 @@ def test_per_row_positions_in_one_layer_call_match_separate_calls():
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "positions",
+    [[3, 0, 3, 4, 0, 3, 1], [2, 2, 2, 2, 2, 2, 2], [6, 5, 4, 3, 2, 1, 0], [0, 0, 0, 1, 1, 1, 1]],
+    ids=["mixed", "one_position", "all_distinct", "sorted"],
+)
+def test_per_row_lora_matches_a_row_loop_with_int_index_gradients(positions):
+    """Rows at a few depths are served one matmul pair per distinct depth; that must be what one
+    int-indexed adapter per row gives, gradients of the stacked weights included."""
+    from recursify.lora import DepthwiseLoRA
+
+    g = torch.Generator().manual_seed(0)
+    P, d_in, d_out, r = 7, 10, 6, 3
+    lora = DepthwiseLoRA(P, d_in, d_out, r)
+    with torch.no_grad():
+        lora.lora_A.copy_(torch.randn(P, r, d_in, generator=g))
+        lora.lora_B.copy_(torch.randn(P, d_out, r, generator=g))
+    A = lora.lora_A.detach().clone().requires_grad_()
+    B = lora.lora_B.detach().clone().requires_grad_()
+    pos = torch.tensor(positions)
+    x = torch.randn(len(positions), 4, d_in, generator=g)
+    cotangent = torch.randn(len(positions), 4, d_out, generator=g)
+
+    y = lora(x, pos)
+    ref = torch.stack([x[i] @ A[p].T @ B[p].T for i, p in enumerate(positions)])
+    torch.testing.assert_close(y, ref)
+    (y * cotangent).sum().backward()
+    (ref * cotangent).sum().backward()
+    torch.testing.assert_close(lora.lora_A.grad, A.grad)
+    torch.testing.assert_close(lora.lora_B.grad, B.grad)
+
+
+def test_per_forward_adapter_views_give_the_int_index_gradients(monkeypatch):
+    """forward() splits the stacked LoRA weights once (adapter_views) instead of int-indexing them
+    per use; logits and gradients must be those of plain int indexing, and no view may outlive it."""
+    import contextlib
+
+    model = rf.convert(make("llama"), rf.RecursionConfig(num_loops=3, lora_rank=4), progress=False)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(IDS, labels=IDS, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("lora.")}
+
+    logits, grads = run()
+    assert all(m._views is None for m in model.lora.values())
+    with monkeypatch.context() as m:  # the reference: every use indexes the stacked Parameter
+        m.setattr(type(model), "adapter_views", lambda self: contextlib.nullcontext())
+        ref_logits, ref_grads = run()
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
 def test_full_rank_greedy_generate_equals_the_source(family):
     source = make(family)

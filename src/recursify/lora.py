@@ -1,8 +1,9 @@
 """Depth-wise LoRA: one low-rank adapter per unrolled position, stored stacked.
 
 Weights live as `lora_A` [positions, r, d_in] and `lora_B` [positions, d_out, r] (PEFT's
-orientation), so a batch whose rows sit at different depths is served by one gather and two
-batched matmuls (the BGMV idea of Punica / S-LoRA) instead of a Python loop over rows.
+orientation). A batch whose rows sit at different depths is served per distinct depth (rows
+grouped, one matmul pair per depth), or, when every row has its own depth, by one gather and two
+batched matmuls (the BGMV idea of Punica / S-LoRA); never by a Python loop over rows.
 The scale is exactly 1: y = x W^T + (x A^T) B^T.
 """
 
@@ -18,14 +19,52 @@ class DepthwiseLoRA(nn.Module):
         self.rank = rank
         self.lora_A = nn.Parameter(torch.zeros(num_positions, rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(num_positions, out_features, rank))
+        self._views: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+
+    def split_positions(self) -> None:
+        """Cache per-position views of the stacked weights until `merge_positions()`.
+
+        `self.lora_A[p]` is an int index into the stacked Parameter, whose backward writes the
+        gradient into a fresh zero [positions, r, d_in] tensor; with one use per position that is
+        O(positions^2) memory traffic per backward. One `unbind(0)` per model forward (its backward
+        is a single stack) makes it O(positions). The views belong to one forward's autograd
+        graph, so the model drops them when that forward ends (see `RecursiveForCausalLM.adapter_views`).
+        """
+        self._views = (self.lora_A.unbind(0), self.lora_B.unbind(0))
+
+    def merge_positions(self) -> None:
+        self._views = None
+
+    def _weights(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._views is not None:
+            return self._views[0][position], self._views[1][position]
+        return self.lora_A[position], self.lora_B[position]
+
+    def _at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        A, B = self._weights(position)
+        return (x @ A.transpose(0, 1)) @ B.transpose(0, 1)
 
     def forward(self, x: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
         """Low-rank delta for x [batch, seq, d_in] at `position` (an int, or one per row)."""
         if isinstance(position, int):
-            return (x @ self.lora_A[position].transpose(0, 1)) @ self.lora_B[position].transpose(0, 1)
-        A = self.lora_A.index_select(0, position)  # [batch, r, d_in]
-        B = self.lora_B.index_select(0, position)  # [batch, d_out, r]
-        return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+            return self._at(x, position)
+        positions, inverse, counts = torch.unique(position, return_inverse=True, return_counts=True)
+        if positions.numel() == 1:
+            return self._at(x, int(positions[0]))
+        if positions.numel() == position.numel():  # every row at its own depth: gather + bmm
+            A = self.lora_A.index_select(0, position)  # [batch, r, d_in]
+            B = self.lora_B.index_select(0, position)  # [batch, d_out, r]
+            return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+        # Rows usually sit at a few depths (at most one per loop): one matmul pair per distinct
+        # position over its rows, instead of copying one adapter per row.
+        rows_at = torch.argsort(inverse, stable=True).split(counts.tolist())
+        y = None
+        for p, rows in zip(positions.tolist(), rows_at):
+            part = self._at(x.index_select(0, rows), p)
+            if y is None:
+                y = part.new_empty((x.shape[0],) + part.shape[1:])
+            y.index_copy_(0, rows, part)  # the rows partition the batch: every row written once
+        return y
 
     def delta_weight(self, position: int) -> torch.Tensor:
         """B_l A_l, the dense correction this adapter adds to the shared weight."""

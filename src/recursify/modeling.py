@@ -9,6 +9,7 @@ serving engine's depth-wise batching relies on.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,14 +109,17 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
         self.lora = nn.ModuleDict()
         self.diag = nn.ModuleDict()
-        for name in lora_targets(self.family, self.recursion):
+        targets = lora_targets(self.family, self.recursion)
+        widest = max(min(a.linear_shape(n)) for n in targets)
+        if self.recursion.lora_rank != "full" and self.recursion.lora_rank > widest:
+            raise ValueError(
+                f"lora_rank={self.recursion.lora_rank} is larger than min(d_in, d_out)={widest} of every linear; "
+                "use a smaller rank or 'full'"
+            )
+        for name in targets:
             d_in, d_out = a.linear_shape(name)
-            r = resolve_rank(self.recursion.lora_rank, d_in, d_out)
-            if r > min(d_in, d_out):
-                raise ValueError(
-                    f"lora_rank={r} is larger than min(d_in, d_out)={min(d_in, d_out)} of the {name!r} linear; "
-                    "use a smaller rank or 'full'"
-                )
+            # A rank beyond a narrow linear (GQA k/v) is full rank for that linear.
+            r = min(resolve_rank(self.recursion.lora_rank, d_in, d_out), min(d_in, d_out))
             if r > 0:
                 self.lora[name] = DepthwiseLoRA(L, d_in, d_out, r)
             if self.recursion.variant == "residual":
@@ -217,6 +221,22 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         if name in self.diag:
             y = y + self.diag[name](x, position)
         return y
+
+    @contextmanager
+    def adapter_views(self):
+        """Within this block every DepthwiseLoRA reads its per-position weights from views made by
+        one `unbind` instead of an int index per use: an int index into a stacked Parameter costs
+        a full-size zero gradient per use in the backward (O(positions^2) per step), one unbind
+        costs a single stack. `forward` opens it around its layers; the views are dropped on exit,
+        so none outlives the forward (and autograd graph) that made them."""
+        modules = [m for m in self.lora.values() if m._views is None]  # nested blocks: the outer one owns them
+        for m in modules:
+            m.split_positions()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.merge_positions()
 
     def _norm_index(self, slot: int, position: Position) -> Position:
         return slot if self.recursion.share_norms else position
@@ -395,14 +415,15 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
         loop_states = []
         exit_h = h if depth is not None else None
-        for p, slot in enumerate(layout.slot_of_position):
-            h = self.layer_forward(slot, p, h, rope, attend)
-            if p in loop_ends:
-                b = loop_ends[p]
-                if output_loop_states:
-                    loop_states.append(h)
-                if depth is not None and b < layout.num_loops - 1:
-                    exit_h = torch.where((depth == b + 1).view(-1, 1, 1), h, exit_h)
+        with self.adapter_views():
+            for p, slot in enumerate(layout.slot_of_position):
+                h = self.layer_forward(slot, p, h, rope, attend)
+                if p in loop_ends:
+                    b = loop_ends[p]
+                    if output_loop_states:
+                        loop_states.append(h)
+                    if depth is not None and b < layout.num_loops - 1:
+                        exit_h = torch.where((depth == b + 1).view(-1, 1, 1), h, exit_h)
         if depth is not None:
             h = torch.where((depth >= layout.num_loops).view(-1, 1, 1), h, exit_h)
         if output_loop_states and layout.edge:
