@@ -160,21 +160,6 @@ def _params(model) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def truncated(teacher, k: int):
-    """The teacher's first k layers + final norm + head: an ordinary HF model of the same family."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = k
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:k]
-    model = AutoModelForCausalLM.from_config(cfg)
-    missing, _ = model.load_state_dict(teacher.state_dict(), strict=False)
-    assert not [m for m in missing if "lm_head" not in m], missing
-    model.tie_weights()
-    return model
-
-
 @torch.no_grad()
 def heldout_ppl(model, heldout, eval_tokens: int, batch: int) -> float:
     n = min(len(heldout), max(1, eval_tokens // heldout.seq_len))
@@ -189,6 +174,7 @@ def heldout_ppl(model, heldout, eval_tokens: int, batch: int) -> float:
 
 def quality(teacher, tok, args, work: Path) -> tuple[list[dict], float]:
     import recursify as rf
+    from recursify.baselines import truncated
     from recursify.train.data import DataConfig, build_datasets
     from recursify.train.trainer import TrainConfig, train
 

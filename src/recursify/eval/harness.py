@@ -10,8 +10,10 @@ OpenBookQA), following the convention of the Pythia/OLMo evaluation suites.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -130,18 +132,19 @@ def run_paper_tasks(
     if dtype is None:
         dtype = "float32" if str(device).startswith("cpu") else "auto"
     lm, model_args = _make_lm(model, tokenizer, batch_size, max_length, dtype)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        model_args=model_args,
-        tasks=[PAPER_TASKS[n][0] for n in names],
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        task_manager=task_manager(data_dir),
-        bootstrap_iters=0,  # stderr computed below; avoids lm-eval's multiprocessing bootstrap
-        log_samples=False,
-    )
+    with _quiet_lm_eval():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            model_args=model_args,
+            tasks=[PAPER_TASKS[n][0] for n in names],
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            task_manager=task_manager(data_dir),
+            bootstrap_iters=0,  # stderr computed below; avoids lm-eval's multiprocessing bootstrap
+            log_samples=False,
+        )
     results: dict[str, dict] = {}
     for name in names:
         task, metric = PAPER_TASKS[name]
@@ -163,6 +166,21 @@ def run_paper_tasks(
         }
     average = sum(r["value"] for r in results.values()) / len(results)
     return {"tasks": results, "average": average, "limit": limit, "raw": out["results"]}
+
+
+@contextmanager
+def _quiet_lm_eval():
+    """lm-eval logs a few lines per task and item batch; a report running dozens of evaluations
+    keeps only its warnings about real problems (errors)."""
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def format_table(results: dict, title: str | None = "Paper benchmarks"):
