@@ -119,6 +119,27 @@ def test_report_bad_inputs(tiny, tmp_path):
     BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
     byte_tokenizer().save_pretrained(tmp_path / "bert")
     res = run("report", "--model", str(tmp_path / "bert"), "--data", str(text), "--heldout", str(text), "--out", str(tmp_path / "r"))
-    assert_clean_error(res, "is not supported")
+    assert_clean_error(res, "not a causal language model")
     res = run("report", "--list")
     assert res.returncode == 0 and "truncated-kd" in res.stdout and "rec-cycle-average-r64-kd-exit_aggressive" in res.stdout
+
+
+def test_eval_bad_inputs(tiny, tmp_path):
+    from test_train import word_tokenizer
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + " ".join(f"word{(i * j) % 31}" for j in range(60)) for i in range(20)))
+    # a teacher whose tokenizer maps text to other ids: KL and agreement would be meaningless
+    other = tmp_path / "other-teacher"
+    save_tiny("llama", other)
+    word_tokenizer(97).save_pretrained(other)
+    res = run("eval", str(tiny), "--data", str(text), "--teacher", str(other), "--tasks", "agreement", "--seq-len", "32")
+    assert_clean_error(res, "tokenizer differs")
+    # held-out text that is also the training text: a warning, the numbers are still produced
+    res = run("eval", str(tiny), "--data", str(text), "--train-data", str(text), "--tasks", "ppl", "--seq-len", "32",
+              "--max-tokens", "256")
+    assert res.returncode == 0, res.stderr
+    assert "also occur in the training data" in res.stdout + res.stderr
+    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
+    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    assert_clean_error(run("eval", str(tmp_path / "bert"), "--data", str(text), "--tasks", "ppl"), "not a causal language model")

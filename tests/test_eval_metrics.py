@@ -234,3 +234,18 @@ def test_count_parameters_and_memory():
     assert count_parameters(untied, exclude_embeddings=True) == count_parameters(untied) - 2 * emb
     mem = peak_memory()
     assert mem["rss_bytes"] > 10 * 2**20
+
+
+def test_check_causal_accepts_decoders_and_rejects_an_encoder():
+    import recursify as rf
+    from recursify.hub import ModelLoadError, check_causal
+    from tiny_models import make
+    from transformers import BertConfig, BertLMHeadModel
+
+    for name in ("llama", "gemma3", "gpt_neox"):
+        check_causal(make(name).eval(), name)
+    check_causal(rf.convert(make("llama"), rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False), "recursive")
+    bert = BertLMHeadModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=40)).eval()
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        check_causal(bert, "bert")

@@ -68,6 +68,24 @@ def load_config(name_or_path: str):
         raise ModelLoadError(f"cannot read a model config from {name_or_path}: {str(e).splitlines()[0]}") from e
 
 
+@torch.no_grad()
+def check_causal(model, name: str) -> None:
+    """Raise ModelLoadError unless later tokens leave earlier predictions unchanged.
+
+    Hugging Face's causal-LM auto class also maps encoders (BERT's LM head runs bidirectionally
+    unless configured as a decoder); their "perplexity" would be meaningless, so test the
+    behaviour itself on two inputs that differ only in their last token.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = torch.arange(2, 10, device=device).remainder(vocab).repeat(2, 1)
+    ids[1, -1] = (ids[0, -1] + 1) % vocab
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    if not torch.allclose(logits[0, :-1], logits[1, :-1], atol=1e-4, rtol=1e-4):
+        raise ModelLoadError(f"{name} is not a causal language model: a later token changes earlier predictions "
+                             f"({type(model).__name__} attends both ways)")
+
+
 def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file."""
     import transformers

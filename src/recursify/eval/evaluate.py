@@ -79,6 +79,7 @@ def check_same_vocabulary(tok, teacher_tok, names=("model", "teacher")) -> None:
 def evaluate(cfg: EvalConfig, console=None) -> dict:
     import recursify as rf
 
+    from ..hub import check_causal
     from ..train.data import DataConfig, build_datasets, iter_documents, overlap_report
     from .harness import run_paper_tasks
     from .metrics import cloze_accuracy, count_parameters, peak_memory, perplexity, teacher_agreement
@@ -96,10 +97,12 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
     t0 = time.time()
     with status(f"loading {cfg.model}"):
         model, tok = rf.load_pretrained(cfg.model)
+        check_causal(model, cfg.model)
     teacher = None
     if cfg.teacher:
         with status(f"loading teacher {cfg.teacher}"):
             teacher, teacher_tok = rf.load_pretrained(cfg.teacher)
+            check_causal(teacher, cfg.teacher)
         check_same_vocabulary(tok, teacher_tok)
     result: dict = {"model": cfg.model, "teacher": cfg.teacher, "config": asdict(cfg)}
     result["params"] = count_parameters(model)

@@ -87,10 +87,12 @@ class ReportRunner:
 
         from ..config import ConfigError, Layout, RecursionConfig
         from ..families import UnsupportedModelError, detect_family
+        from ..hub import check_causal
         from ..train.data import DataConfig, DataError, build_datasets, overlap_report
 
         try:
             self.teacher, self.tok = rf.load_pretrained(self.cfg.model)
+            check_causal(self.teacher, self.cfg.model)
             detect_family(self.teacher.config)
         except (rf.ModelLoadError, UnsupportedModelError) as e:
             raise ReportError(str(e)) from e
