@@ -8,6 +8,7 @@ KD token count, so a report number means exactly what `recursify train` would gi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -108,6 +109,10 @@ class ReportRunner:
             raise ReportError(f"num_loops={self.budget.num_loops} does not divide the {L} layers of {self.cfg.model}")
         self.budget = dataclasses.replace(self.budget, strategies=tuple(strategies))
         self.num_layers, self.block = L, L // self.budget.num_loops
+        # Models are built on the CPU (the teacher stays there as their source) and measured on the
+        # GPU when there is one; the trainer picks its own device.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.reference = self.teacher if self.device.type == "cpu" else copy.deepcopy(self.teacher).to(self.device)
 
         # The trainer loads its teacher by path: keep one float copy, written once.
         self.teacher_dir = self.cache / "teacher"
@@ -148,7 +153,7 @@ class ReportRunner:
         from ..convert import with_rank
 
         if cell.model == "teacher":
-            return self.teacher
+            return self.reference
         if cell.model == "truncated":
             return truncated(self.teacher, self.block)
         if cell.model == "layer_subset":
@@ -171,6 +176,7 @@ class ReportRunner:
         from ..modeling import RecursiveForCausalLM
 
         b = self.budget
+        model = model.to(self.device)
         ppl = lambda m: perplexity(m, self.stream, context_len=b.eval_context, stride=b.eval_context // 2,  # noqa: E731
                                    batch_size=b.batch_eval)["ppl"]
         r = {"params": count_parameters(model), "params_non_embedding": count_parameters(model, exclude_embeddings=True)}
@@ -179,14 +185,15 @@ class ReportRunner:
         if recursive and (cell.trained or "exits" in cell.tags):
             r["exit_ppl"] = [ppl(ExitView(model, k)) for k in range(1, model.layout.num_loops + 1)]
         if cell.model != "teacher" and cell.trained:
-            a = teacher_agreement(model, self.teacher, self.agreement_seqs, batch_size=b.batch_eval)
+            a = teacher_agreement(model, self.reference, self.agreement_seqs, batch_size=b.batch_eval)
             r["kl"], r["agreement"] = a["kl"], a["top1_agreement"]
         if recursive and "exits" in cell.tags:
-            r["exit_curve"] = confidence_exit_curve(model, self.teacher, self.agreement_seqs, batch_size=b.batch_eval)
+            r["exit_curve"] = confidence_exit_curve(model, self.reference, self.agreement_seqs, batch_size=b.batch_eval)
         if cell.benchmarks:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                paper = run_paper_tasks(model, tokenizer=self.tok, limit=b.task_limit, batch_size=b.batch_eval)
+                paper = run_paper_tasks(model, tokenizer=self.tok, limit=b.task_limit, batch_size=b.batch_eval,
+                                        device=str(self.device))
             paper.pop("raw", None)
             r["paper"] = paper
         return r
