@@ -154,3 +154,30 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         from recursify.report.runner import ReportRunner
 
         ReportRunner(ReportConfig(data=[str(tmp_path / "missing")], out=str(tmp_path / "o")))
+
+
+def test_findings_follow_the_numbers():
+    """Verdicts from hand-set perplexities: clear wins agree/disagree, differences under 2% are inconclusive."""
+    from recursify.report.render import Results, findings
+
+    ppl = {
+        "rec-cycle-stepwise-r0-kd": 100.0, "rec-sequence-stepwise-r0-kd": 130.0,  # cycle clearly better: agrees
+        "rec-cycle-average-r0-kd": 101.0, "rec-cycle-lower-r0-kd": 150.0,  # stepwise best but within 2%: inconclusive
+        "rec-cycle-stepwise-r64-kd": 90.0, "rec-cycle-average-r64-kd": 95.0, "rec-cycle-lower-r64-kd": 99.0,  # disagrees
+        "rec-cycle-average-r64-zero-kd": 96.0,  # SVD 95 vs zero 96: inconclusive
+        "rec-cycle-stepwise-r0-lm": 120.0,  # KD 100 vs LM 120: agrees
+        "truncated-kd": 140.0, "layer_subset-kd": 125.0,
+    }
+    cells = [{"key": k, "cell": {}, "tags": [], "result": {"ppl": v}} for k, v in ppl.items()]
+    cells += [{"key": f"exit-{e}", "cell": {"exit_schedule": e}, "tags": ["exits"], "result": {"ppl": last, "exit_ppl": [first, last]}}
+              for e, first, last in (("none", 900.0, 95.0), ("weighted", 200.0, 110.0), ("aggressive", 300.0, 97.0))]
+    res = Results({"cells": cells, "budget": {"ranks": [0, 64, "full"], "inits": ["stepwise", "average", "lower"]}})
+    verdicts = {f["name"]: f["verdict"] for f in findings(res)}
+    assert verdicts["CYCLE vs SEQUENCE"] == "**agrees**"
+    assert verdicts["Initialisation of the recursive model"] == "inconclusive"
+    assert verdicts["Initialisation of the relaxed model"] == "**disagrees**"
+    assert verdicts["SVD vs zero LoRA init"] == "inconclusive"
+    assert verdicts["Knowledge distillation"] == "**agrees**"
+    assert verdicts["Early-exit loss weights"] == "**agrees**"  # exit 1: 300 < 900; final 97 < weighted 110
+    assert verdicts["Recursive vs parameter-matched baselines"] == "**agrees**"  # 100 < min(140, 125)
+    assert verdicts["Relaxation (LoRA rank)"] == "**agrees**"  # r=64 (average) 95 vs r=0 (stepwise) 100

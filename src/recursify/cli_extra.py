@@ -135,5 +135,11 @@ def report(
         out.print(f"{len(cells)} cells")
         return
     summary = run_report(cfg, console=console)
+    from .report.render import terminal_summary
+
+    table, lines = terminal_summary(summary)
+    out.print(table)
+    for line in lines:
+        out.print(line, markup=False)
     out.print(f"wrote {out_dir / 'report.md'} ({len(summary['computed'])} cells computed, "
               f"{len(summary['cells']) - len(summary['computed'])} cached, {summary['seconds'] / 60:.1f} min)")

@@ -65,7 +65,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main_table(res: Results) -> str:
+def main_rows(res: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the headline table (teacher, baselines, ours), shared by report.md and the terminal."""
     from ..eval.harness import DISPLAY_NAMES, PAPER_TASKS
 
     cells = res.tagged("main")
@@ -76,16 +77,36 @@ def main_table(res: Results) -> str:
     for c in cells:
         r = c["result"]
         teacher = c["cell"]["model"] == "teacher"
-        row = [f"**{c['label']}**" if teacher else c["label"], _fmt_params(r["params"]),
+        row = [c["label"], _fmt_params(r["params"]),
                _fmt_ppl(r["ppl"]) if teacher else _fmt_ppl(r.get("ppl_before")),
                "–" if teacher else _fmt_ppl(r["ppl"]),
                "1.000" if teacher else (f"{r['agreement']:.3f}" if "agreement" in r else "–")]
         paper = r.get("paper")
         row += [f"{100 * paper['tasks'][t]['value']:.1f}" if paper and t in paper["tasks"] else "–" for t in tasks]
         if tasks:
-            row.append(f"**{100 * paper['average']:.1f}**" if paper else "–")
+            row.append(f"{100 * paper['average']:.1f}" if paper else "–")
         rows.append(row)
+    return header, rows
+
+
+def main_table(res: Results) -> str:
+    header, rows = main_rows(res)
     return _table(header, rows)
+
+
+def terminal_summary(summary: dict):
+    """The headline table and the findings, as rich renderables for the terminal."""
+    from rich.table import Table
+
+    res = Results(summary)
+    header, rows = main_rows(res)
+    table = Table(title=f"recursify report: {summary['model']} (budget {res.budget['name']})")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    lines = [f"{f['name']}: {f['verdict'].strip('*')} ({f['ours']})" for f in findings(res)]
+    return table, lines
 
 
 def grid_table(res: Results) -> str:
@@ -233,7 +254,7 @@ def findings(res: Results) -> list[dict]:
         mono = all(not _better(vals[i][1], vals[i + 1][1]) for i in range(len(vals) - 1))
         out.append({"name": "Relaxation (LoRA rank)", "paper": "Higher LoRA rank brings the model closer to the original.",
                     "ours": "after KD: " + ", ".join(f"r={x} {_fmt_ppl(v)}" for x, v in vals),
-                    "verdict": _verdict(mono if vals[-1][1] < vals[0][1] else False)})
+                    "verdict": _verdict(_better(vals[-1][1], vals[0][1]) and mono)})
     return out
 
 
