@@ -399,3 +399,10 @@ def test_two_processes_match_one(fx, tmp_path):
         assert two[k] == pytest.approx(one[k], abs=1e-5)
     ev = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]  # noqa
     assert ev(tmp_path / "ddp")["loss"] == pytest.approx(ev(tmp_path / "single")["loss"], abs=1e-5)
+
+
+def test_save_every_minus_one_keeps_only_the_final_model(fx, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(fx, out, save_every=-1))
+    assert result["step"] == 12 and list_checkpoints(out) == []
+    assert (out / "model.safetensors").exists()

@@ -183,7 +183,8 @@ class ReportRunner:
         r["ppl"] = ppl(model)
         recursive = isinstance(model, RecursiveForCausalLM) and model.layout.loopable and model.layout.num_loops > 1
         if recursive and (cell.trained or "exits" in cell.tags):
-            r["exit_ppl"] = [ppl(ExitView(model, k)) for k in range(1, model.layout.num_loops + 1)]
+            # the last exit is the full model, already scored
+            r["exit_ppl"] = [ppl(ExitView(model, k)) for k in range(1, model.layout.num_loops)] + [r["ppl"]]
         if cell.model != "teacher" and cell.trained:
             a = teacher_agreement(model, self.reference, self.agreement_seqs, batch_size=b.batch_eval)
             r["kl"], r["agreement"] = a["kl"], a["top1_agreement"]
@@ -217,7 +218,7 @@ class ReportRunner:
             data=list(self.cfg.data), heldout=list(self.cfg.heldout), cache_dir=str(self.cache / "tokens"),
             out=str(work / "run"), max_tokens=b.train_tokens, seq_len=b.seq_len, batch_size=b.batch_size, lr=b.lr,
             warmup_steps=b.warmup_steps, exit_schedule=cell.exit_schedule, eval_every=max(1, steps // b.curve_points),
-            eval_tokens=b.agreement_tokens, save_every=0, keep_last=1, progress=False, seed=0))
+            eval_tokens=b.agreement_tokens, save_every=-1, keep_last=1, progress=False, seed=0))
         if result.get("interrupted"):
             raise KeyboardInterrupt
         records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]

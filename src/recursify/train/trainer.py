@@ -117,7 +117,8 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "Student autocast: auto (bf16 on GPU, fp32 on CPU), no, bf16.")
     eval_every: int = _f(200, "Held-out evaluation every N steps (0: only at the start and end; -1: never).")
     eval_tokens: int = _f(65536, "Held-out tokens per evaluation (rounded down to whole sequences).")
-    save_every: int = _f(500, "Checkpoint every N steps (0: only at the end and on signals).")
+    save_every: int = _f(500, "Checkpoint every N steps (0: only at the end and on signals; -1: only on signals, "
+                              "for short runs whose final model is all that is kept).")
     keep_last: int = _f(2, "Checkpoints kept (older ones are deleted).")
     seed: int = _f(0, "Seed of the data order and of torch/numpy/random.")
     resume: bool = _f(False, "Continue from the newest intact checkpoint in out/checkpoints (fresh start if none).")
@@ -163,7 +164,7 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISION,
              f"unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         need(self.eval_tokens >= 1, f"eval_tokens must be positive, got {self.eval_tokens}")
-        need(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
+        need(self.save_every >= -1, f"save_every must be >= -1, got {self.save_every}")
         need(self.kd_chunk_elements >= 1, f"kd_chunk_elements must be positive, got {self.kd_chunk_elements}")
         need(self.alpha == 0 or self.teacher is not None, f"alpha={self.alpha} needs a teacher; pass --teacher or --alpha 0")
         need(not (self.resume and self.overwrite), "pass only one of resume and overwrite")
@@ -721,7 +722,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             signum = stop["signal"] or 0
             if world > 1:  # every rank must stop at the same step
                 signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), "sum").item())
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or signum:
+            periodic = cfg.save_every > 0 and step % cfg.save_every == 0
+            if periodic or (step == total_steps and cfg.save_every >= 0) or signum:
                 path = save_checkpoint(out, step, step * tokens_per_step, accelerator, model, optimizer, scheduler,
                                        cfg.keep_last, is_fsdp)
                 log(f"saved {path}")
