@@ -200,7 +200,7 @@ class ReportRunner:
         return r
 
     def train(self, cell: Cell, model) -> tuple[object, dict, Path]:
-        """Uptrain a copy of `model` with the ordinary trainer; returns the trained model and training facts."""
+        """Uptrain a saved copy of `model` with the ordinary trainer: (trained model, training facts, work folder)."""
         import recursify as rf
 
         from ..train.trainer import TrainConfig, train
@@ -251,7 +251,7 @@ class ReportRunner:
         work = None
         if cell.trained:
             if "main" in cell.tags:
-                result["ppl_before"] = self.measure(model, dataclasses.replace(cell, trained=False, benchmarks=False))["ppl"]
+                result["ppl_before"] = self.measure(model, dataclasses.replace(cell, trained=False, benchmarks=False, tags=()))["ppl"]
             model, facts, work = self.train(cell, model)
             result.update(facts)
         result.update(self.measure(model, cell))
