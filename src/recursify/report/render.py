@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def main_rows(res: Results) -> tuple[list[str], list[list[str]]]:
     from ..eval.harness import DISPLAY_NAMES, PAPER_TASKS
 
     cells = res.tagged("main")
+    teacher_params = (res.get("teacher") or {}).get("params")
     tasks = [t for t in PAPER_TASKS if any("paper" in c["result"] for c in cells)]
     header = ["model", "params (M)", "ppl before KD", "ppl after KD", "top-1 agreement"]
     header += [DISPLAY_NAMES[t] for t in tasks] + (["avg (7 tasks)"] if tasks else [])
@@ -77,7 +79,8 @@ def main_rows(res: Results) -> tuple[list[str], list[list[str]]]:
     for c in cells:
         r = c["result"]
         teacher = c["cell"]["model"] == "teacher"
-        row = [c["label"], _fmt_params(r["params"]),
+        share = f" ({r['params'] / teacher_params:.0%})" if teacher_params and not teacher else ""
+        row = [c["label"], _fmt_params(r["params"]) + share,
                _fmt_ppl(r["ppl"]) if teacher else _fmt_ppl(r.get("ppl_before")),
                "–" if teacher else _fmt_ppl(r["ppl"]),
                "1.000" if teacher else (f"{r['agreement']:.3f}" if "agreement" in r else "–")]
@@ -100,6 +103,8 @@ def terminal_summary(summary: dict):
 
     res = Results(summary)
     header, rows = main_rows(res)
+    keep = [i for i, h in enumerate(header) if i < 5 or h.startswith("avg")]  # per-task columns: see report.md
+    header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
     table = Table(title=f"recursify report: {summary['model']} (budget {res.budget['name']})")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
@@ -156,16 +161,15 @@ def trained_table(res: Results) -> str:
 
 
 def exit_table(res: Results) -> str:
+    """Per schedule: per-exit perplexity, then (mean loops, agreement) at each confidence threshold."""
+    taus = (0.2, 0.4, 0.6, 0.8)
     rows = []
     for c in res.tagged("exits"):
         r = c["result"]
         curve = {round(p["threshold"], 2): p for p in r.get("exit_curve", [])}
-        pick = [curve.get(t) for t in (0.8, 0.9)]
-        rows.append([c["cell"]["exit_schedule"], " / ".join(_fmt_ppl(x) for x in r.get("exit_ppl", [])),
-                     f"{r.get('agreement', float('nan')):.3f}"]
-                    + [f"{p['mean_loops']:.2f} loops, {p['agreement']:.3f}" if p else "–" for p in pick])
-    return _table(["exit loss", "ppl per exit", "top-1 agreement (full depth)", "conf ≥ 0.8: depth, agreement",
-                   "conf ≥ 0.9: depth, agreement"], rows)
+        rows.append([c["cell"]["exit_schedule"], " / ".join(_fmt_ppl(x) for x in r.get("exit_ppl", []))]
+                    + [f"{curve[t]['mean_loops']:.2f} / {curve[t]['agreement']:.3f}" if t in curve else "–" for t in taus])
+    return _table(["exit loss", "ppl per exit"] + [f"conf ≥ {t}: loops / agreement" for t in taus], rows)
 
 
 # -------------------------------------------------------------------------------------- findings
@@ -253,8 +257,9 @@ def findings(res: Results) -> list[dict]:
     if len(vals) > 1:
         mono = all(not _better(vals[i][1], vals[i + 1][1]) for i in range(len(vals) - 1))
         out.append({"name": "Relaxation (LoRA rank)", "paper": "Higher LoRA rank brings the model closer to the original.",
-                    "ours": "after KD: " + ", ".join(f"r={x} {_fmt_ppl(v)}" for x, v in vals),
-                    "verdict": _verdict(_better(vals[-1][1], vals[0][1]) and mono)})
+                    "ours": "after KD: " + ", ".join(f"r={x} {_fmt_ppl(v)}" for x, v in vals)
+                            + ("" if mono else " (not monotone in between)"),
+                    "verdict": _verdict(_better(vals[-1][1], vals[0][1]))})
     return out
 
 
@@ -271,22 +276,29 @@ def plot_all(res: Results, out: Path) -> dict[str, Path]:
     teacher = res.get("teacher")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen = set()
     for c in res.summary["cells"]:
-        r = c["result"]
-        if not c["cell"]["trained"] or c["cell"]["exit_schedule"] != "none" or c["cell"]["objective"] != "kd":
+        r, spec = c["result"], c["cell"]
+        if not spec["trained"] or spec["exit_schedule"] != "none" or spec["objective"] != "kd":
             continue
-        kind = c["cell"]["model"]
-        marker = {"truncated": "s", "layer_subset": "D"}.get(kind, "o")
-        color = {"truncated": "tab:red", "layer_subset": "tab:orange"}.get(kind, "tab:blue" if c["cell"]["rank"] == 0 else "tab:green")
-        if c["cell"]["variant"] == "residual":
-            color, marker = "tab:purple", "^"
-        ax.scatter(r["params"] / 1e6, r["ppl"], c=color, marker=marker, s=36)
-        if "main" in c["tags"]:
-            ax.annotate(c["label"].replace("recursive ", "rec ").replace("relaxed ", "rel "), (r["params"] / 1e6, r["ppl"]),
-                        fontsize=7, xytext=(4, 2), textcoords="offset points")
+        if spec["model"] == "truncated":
+            kind, marker, color = "truncated (first K layers)", "s", "tab:red"
+        elif spec["model"] == "layer_subset":
+            kind, marker, color = "K stepwise layers, no loop", "D", "tab:orange"
+        elif spec["variant"] == "residual":
+            kind, marker, color = "residual", "^", "tab:purple"
+        elif spec["rank"] == 0:
+            kind, marker, color = "recursive r=0 (ablations)", "o", "tab:blue"
+        else:
+            kind, marker, color = "relaxed (ablations)", "o", "tab:green"
+        ax.scatter(r["params"] / 1e6, r["ppl"], c=color, marker=marker, s=36, label=None if kind in seen else kind)
+        seen.add(kind)
+        if spec["model"] == "recursive" and spec["rank"] != 0 and "main" in c["tags"]:
+            ax.annotate(f"r={spec['rank']}", (r["params"] / 1e6, r["ppl"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
     if teacher:
         ax.scatter(teacher["params"] / 1e6, teacher["ppl"], c="black", marker="*", s=120, label="teacher")
-        ax.legend(loc="upper right")
+    ax.legend(fontsize=7, loc="center right")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("held-out perplexity (log)")
@@ -348,8 +360,9 @@ def render_markdown(res: Results, command: str) -> str:
         f"{s['heldout_tokens']:,} held-out tokens of {', '.join(s['heldout'])}; training text: {', '.join(s['data'])}.",
         f"- Benchmarks: the paper's seven tasks through lm-evaluation-harness, zero-shot, {limit}.",
         f"- Held-out sequences found in the training data: {s['overlap_sequences']}.",
-        f"- {len(s['cells'])} cells, {s.get('seconds', 0) / 60:.1f} minutes for this run "
-        f"({len(s.get('computed', []))} computed, the rest cached); {platform.machine()}.",
+        f"- {len(s['cells'])} cells; computing them took {sum(c['seconds'] for c in s['cells']) / 60:.0f} minutes "
+        f"({len(s.get('computed', []))} computed by the latest run, the rest reused from `cells/`); "
+        f"{platform.machine()}, {os.cpu_count()} CPUs.",
         "",
         "## Teacher, baselines and recursive models",
         "",
