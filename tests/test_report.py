@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import recursify as rf
-from recursify.baselines import layer_subset, stepwise_layers, truncated
-from recursify.convert import with_rank
+from recursify.baselines import layer_subset, truncated
+from recursify.convert import source_layer_for_slot, with_rank
 from recursify.eval.metrics import confidence_exit_curve
 from recursify.report import Budget, ReportConfig, ReportError, plan_cells, run_report
 from test_train import word_tokenizer, write_corpus
@@ -113,7 +113,7 @@ def test_with_rank_equals_direct_conversion():
 
 def test_layer_subset_runs_the_chosen_layers():
     source = make("llama").eval()
-    picked = stepwise_layers(6, 3)
+    picked = source_layer_for_slot(rf.Layout.build(6, rf.RecursionConfig(num_loops=2)), "stepwise")
     assert picked == [0, 2, 5] or picked == [0, 3, 5]  # round(linspace(0, 5, 3)) = [0, 2.5, 5]
     model = layer_subset(source, picked)
     ids = torch.randint(0, COMMON["vocab_size"], (1, 9))

@@ -5,14 +5,14 @@ the same size. These builders give the two obvious ones as ordinary Hugging Face
 source family, so every tool (training, lm-eval, generation) treats them like any other model:
 
 * `truncated(model, k)`: the first k layers plus the final norm and head;
-* `layer_subset(model, layers)`: any chosen layers in order, e.g. the stepwise ones
-  (`stepwise_layers`), i.e. the recursive model's shared block run once, without looping.
+* `layer_subset(model, layers)`: any chosen layers in order, e.g. the ones a stepwise
+  conversion shares (`convert.source_layer_for_slot`), i.e. the recursive model's shared block
+  run once, without looping.
 """
 
 from __future__ import annotations
 
 import copy
-from functools import reduce
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -20,15 +20,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .families import detect_family
 
 
-def _get(module, path: str):
-    return reduce(getattr, path.split("."), module)
-
-
 @torch.no_grad()
 def layer_subset(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A plain model of the same family made of `layers` (source indices, in this order)."""
     family = detect_family(model.config)
-    source_layers = _get(model, family.layers)
+    source_layers = model.get_submodule(family.layers)
     n = len(source_layers)
     if not layers or any(not 0 <= i < n for i in layers):
         raise ValueError(f"layer indices must be in [0, {n}), got {layers}")
@@ -43,7 +39,7 @@ def layer_subset(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     missing = [k for k in missing if not k.startswith(prefix) and k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"layer_subset: state does not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for target, i in zip(_get(new, family.layers), layers):
+    for target, i in zip(new.get_submodule(family.layers), layers):
         target.load_state_dict(source_layers[i].state_dict())
     if cfg.tie_word_embeddings:
         new.tie_weights()
@@ -57,9 +53,4 @@ def truncated(model: PreTrainedModel, k: int) -> PreTrainedModel:
     return layer_subset(model, list(range(k)))
 
 
-def stepwise_layers(num_layers: int, k: int) -> list[int]:
-    """round(linspace(0, L-1, k)): the layers a stepwise-initialised recursive block starts from."""
-    return torch.linspace(0, num_layers - 1, k).round().long().tolist() if k > 1 else [0]
-
-
-__all__ = ["layer_subset", "truncated", "stepwise_layers"]
+__all__ = ["layer_subset", "truncated"]

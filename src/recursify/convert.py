@@ -7,7 +7,7 @@ which is what keeps a 135M-parameter conversion within seconds on a laptop CPU.
 
 from __future__ import annotations
 
-from functools import reduce
+import copy
 
 import torch
 from tqdm.auto import tqdm
@@ -22,10 +22,6 @@ AUTO_MAP = {
     "AutoConfig": "configuration_recursify.RecursiveConfig",
     "AutoModelForCausalLM": "modeling_recursify.RecursiveForCausalLM",
 }
-
-
-def _get(module, path: str):
-    return reduce(getattr, path.split("."), module)
 
 
 def source_layer_for_slot(layout: Layout, init: str) -> list[int]:
@@ -72,7 +68,7 @@ def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool 
         torch.manual_seed(recursion.seed)
     model = RecursiveForCausalLM(config).float()
     layout = model.layout
-    layers = list(_get(source, family.layers))
+    layers = list(source.get_submodule(family.layers))
 
     steps = list(family.linears) + ["norms"]
     bar = tqdm(steps, desc="converting", disable=not progress, leave=False)
@@ -80,15 +76,15 @@ def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool 
         bar.set_postfix_str(name)
         if name == "norms":
             for short in model.norm_names:
-                stack = torch.stack([_get(layer, family.norms[short]).weight.float() for layer in layers])
+                stack = torch.stack([layer.get_submodule(family.norms[short]).weight.float() for layer in layers])
                 model.norm_weight[short].copy_(_norms(stack, layout, recursion))
                 if short in model.norm_bias:
-                    stack = torch.stack([_get(layer, family.norms[short]).bias.float() for layer in layers])
+                    stack = torch.stack([layer.get_submodule(family.norms[short]).bias.float() for layer in layers])
                     model.norm_bias[short].copy_(_norms(stack, layout, recursion))
             continue
-        W = torch.stack([_get(layer, family.linears[name]).weight.float() for layer in layers])  # [L, out, in]
+        W = torch.stack([layer.get_submodule(family.linears[name]).weight.float() for layer in layers])  # [L, out, in]
         if name in model.bias:
-            stack = torch.stack([_get(layer, family.linears[name]).bias.float() for layer in layers])
+            stack = torch.stack([layer.get_submodule(family.linears[name]).bias.float() for layer in layers])
             model.bias[name].copy_(_norms(stack, layout, recursion))
         if recursion.init != "random":
             shared = _init_slots(W, layout, recursion.init)
@@ -112,7 +108,7 @@ def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool 
             model.lora[name].lora_B.zero_()
 
     model.embed_tokens.weight.copy_(source.get_input_embeddings().weight.float())
-    final = _get(source, family.final_norm)
+    final = source.get_submodule(family.final_norm)
     model.final_norm_weight.copy_(final.weight.float())
     if model.final_norm_bias is not None:
         model.final_norm_bias.copy_(final.bias.float())
@@ -133,11 +129,8 @@ def with_rank(model: RecursiveForCausalLM, rank) -> RecursiveForCausalLM:
     """
     if model.recursion.lora_init != "svd":
         raise ValueError("with_rank needs SVD-initialised adapters (lora_init='svd')")
-    recursion = RecursionConfig.from_dict({**model.recursion.to_dict(), "lora_rank": rank})
-    config = RecursiveConfig(base_config=model.config.base_config, recursion=recursion.to_dict(),
-                             family=model.config.family)
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["RecursiveForCausalLM"]
+    config = copy.deepcopy(model.config)
+    config.recursion = RecursionConfig.from_dict({**model.recursion.to_dict(), "lora_rank": rank}).to_dict()
     new = RecursiveForCausalLM(config).float()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lora.")}
     for name, lora in new.lora.items():

@@ -266,6 +266,20 @@ def findings(res: Results) -> list[dict]:
 # ----------------------------------------------------------------------------------------- plots
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and write one figure (the same finish for every plot of the report)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(res: Results, out: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -300,14 +314,8 @@ def plot_all(res: Results, out: Path) -> dict[str, Path]:
         ax.scatter(teacher["params"] / 1e6, teacher["ppl"], c="black", marker="*", s=120, label="teacher")
     ax.legend(fontsize=7, loc="center right")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(f"After {res.budget['train_tokens']:,} KD tokens: perplexity vs parameters")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths["ppl_vs_params"] = out / PLOTS["ppl_vs_params"]
-    fig.savefig(paths["ppl_vs_params"], dpi=120)
-    plt.close(fig)
+    paths["ppl_vs_params"] = _save(fig, ax, out / PLOTS["ppl_vs_params"], "parameters (M)", "held-out perplexity (log)",
+                                   f"After {res.budget['train_tokens']:,} KD tokens: perplexity vs parameters")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in res.tagged("main"):
@@ -317,15 +325,9 @@ def plot_all(res: Results, out: Path) -> dict[str, Path]:
     if teacher:
         ax.axhline(teacher["ppl"], color="black", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")
-    ax.set_xlabel("KD training tokens")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("Perplexity during uptraining")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths["ppl_vs_tokens"] = out / PLOTS["ppl_vs_tokens"]
-    fig.savefig(paths["ppl_vs_tokens"], dpi=120)
-    plt.close(fig)
+    paths["ppl_vs_tokens"] = _save(fig, ax, out / PLOTS["ppl_vs_tokens"], "KD training tokens",
+                                   "held-out perplexity (log)", "Perplexity during uptraining")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for c in res.tagged("exits"):
@@ -333,15 +335,10 @@ def plot_all(res: Results, out: Path) -> dict[str, Path]:
         if curve:
             ax.plot([p["mean_loops"] for p in curve], [p["agreement"] for p in curve], marker="o", ms=3,
                     label=f"{c['cell']['exit_schedule']} exit loss")
-    ax.set_xlabel("mean loops run per token (confidence exit)")
-    ax.set_ylabel("top-1 agreement with the teacher")
-    ax.set_title("Early exit: depth vs agreement")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths["exit_vs_agreement"] = out / PLOTS["exit_vs_agreement"]
-    fig.savefig(paths["exit_vs_agreement"], dpi=120)
-    plt.close(fig)
+    paths["exit_vs_agreement"] = _save(fig, ax, out / PLOTS["exit_vs_agreement"],
+                                       "mean loops run per token (confidence exit)", "top-1 agreement with the teacher",
+                                       "Early exit: depth vs agreement")
     return paths
 
 

@@ -89,7 +89,7 @@ class ReportRunner:
         from ..config import ConfigError, Layout, RecursionConfig
         from ..families import UnsupportedModelError, detect_family
         from ..hub import check_causal
-        from ..train.data import DataConfig, DataError, build_datasets, overlap_report
+        from ..train.data import DataConfig, DataError, PackedDataset, build_datasets, overlap_report
 
         try:
             self.teacher, self.tok = rf.load_pretrained(self.cfg.model)
@@ -130,8 +130,6 @@ class ReportRunner:
                                                    max_tokens=b.eval_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
             train_seqs, _ = build_datasets(DataConfig(sources=self.cfg.data, seq_len=b.seq_len, heldout_fraction=0.0,
                                                       max_tokens=b.train_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
-            heldout_seqs, _ = build_datasets(DataConfig(sources=self.cfg.heldout, seq_len=b.seq_len, heldout_fraction=0.0,
-                                                        max_tokens=b.eval_tokens, cache_dir=str(self.cache / "tokens")), self.tok)
         except DataError as e:
             raise ReportError(str(e)) from e
         n = min(heldout.num_tokens, b.eval_tokens)
@@ -140,7 +138,8 @@ class ReportRunner:
         self.stream = torch.as_tensor(heldout.read_tokens(0, n).astype("int64"))
         m = min(n, b.agreement_tokens) // b.eval_context * b.eval_context
         self.agreement_seqs = self.stream[:m].view(-1, b.eval_context)
-        self.overlap = overlap_report(train_seqs, heldout_seqs)
+        # the held-out stream cut into training-length sequences, as the trainer would see it
+        self.overlap = overlap_report(train_seqs, PackedDataset.from_tokens(self.stream.numpy(), b.seq_len))
         if self.overlap:
             self.log(f"[yellow]warning:[/] {self.overlap} held-out sequences also occur in the training data; "
                      "perplexities are optimistic")
@@ -149,16 +148,16 @@ class ReportRunner:
     def build(self, cell: Cell):
         import recursify as rf
 
-        from ..baselines import layer_subset, stepwise_layers, truncated
-        from ..convert import with_rank
+        from ..baselines import layer_subset, truncated
+        from ..convert import source_layer_for_slot, with_rank
 
         if cell.model == "teacher":
             return self.reference
         if cell.model == "truncated":
             return truncated(self.teacher, self.block)
-        if cell.model == "layer_subset":
-            return layer_subset(self.teacher, stepwise_layers(self.num_layers, self.block))
         recursion = rf.RecursionConfig(**cell.recursion(self.budget.num_loops))
+        if cell.model == "layer_subset":  # the layers a stepwise cycle conversion shares, run once
+            return layer_subset(self.teacher, source_layer_for_slot(rf.Layout.build(self.num_layers, recursion), "stepwise"))
         if cell.trained or cell.lora_init != "svd" or cell.rank == 0 or cell.variant != "relaxed":
             return rf.convert(self.teacher, recursion, progress=False)
         # untrained SVD ranks of one (strategy, init): one full conversion, truncated per rank
