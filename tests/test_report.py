@@ -150,6 +150,10 @@ def test_confidence_exit_curve_by_hand():
 def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(ReportError, match="unknown budget 'huge'"):
         ReportConfig(budget="huge").resolve_budget()
+    with pytest.raises(ReportError, match="less than one batch"):
+        ReportConfig(train_tokens=10).resolve_budget()
+    with pytest.raises(ReportError, match="at least 1 item per task"):
+        ReportConfig(task_limit=0).resolve_budget()
     with pytest.raises(ReportError, match="fetch_corpora"):
         from recursify.report.runner import ReportRunner
 

@@ -50,6 +50,8 @@ class ReportConfig:
         if self.train_tokens is not None:
             budget = dataclasses.replace(budget, train_tokens=self.train_tokens)
         if self.task_limit is not None:
+            if self.task_limit < 1:
+                raise ReportError(f"limit must be at least 1 item per task, got {self.task_limit}")
             budget = dataclasses.replace(budget, task_limit=self.task_limit)
         if budget.train_tokens < budget.seq_len * budget.batch_size:
             raise ReportError(f"train_tokens={budget.train_tokens} is less than one batch "
