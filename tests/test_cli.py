@@ -22,6 +22,13 @@ def assert_clean_error(res, needle):
     assert lines[-1].startswith("error")
 
 
+def save_bert(path):
+    """A tiny masked-LM encoder with its tokenizer: a model every command must refuse."""
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)
+    BertForMaskedLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
@@ -45,8 +52,7 @@ def test_missing_path(tmp_path):
 
 
 def test_not_a_causal_lm(tmp_path):
-    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
-    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    save_bert(tmp_path / "bert")
     assert_clean_error(run("convert", str(tmp_path / "bert"), "--out", str(tmp_path / "o")), "not supported")
 
 
@@ -116,8 +122,7 @@ def test_report_bad_inputs(tiny, tmp_path):
     assert_clean_error(run("report", "--budget", "huge", "--out", str(tmp_path / "r")), "unknown budget 'huge'")
     text = tmp_path / "t.txt"
     text.write_text("some text " * 50)
-    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
-    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    save_bert(tmp_path / "bert")
     res = run("report", "--model", str(tmp_path / "bert"), "--data", str(text), "--heldout", str(text), "--out", str(tmp_path / "r"))
     assert_clean_error(res, "not a causal language model")
     res = run("report", "--list")
@@ -140,6 +145,5 @@ def test_eval_bad_inputs(tiny, tmp_path):
               "--max-tokens", "256")
     assert res.returncode == 0, res.stderr
     assert "also occur in the training data" in res.stdout + res.stderr
-    BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)).save_pretrained(tmp_path / "bert")
-    byte_tokenizer().save_pretrained(tmp_path / "bert")
+    save_bert(tmp_path / "bert")
     assert_clean_error(run("eval", str(tmp_path / "bert"), "--data", str(text), "--tasks", "ppl"), "not a causal language model")

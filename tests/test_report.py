@@ -114,7 +114,7 @@ def test_with_rank_equals_direct_conversion():
 def test_layer_subset_runs_the_chosen_layers():
     source = make("llama").eval()
     picked = source_layer_for_slot(rf.Layout.build(6, rf.RecursionConfig(num_loops=2)), "stepwise")
-    assert picked == [0, 2, 5] or picked == [0, 3, 5]  # round(linspace(0, 5, 3)) = [0, 2.5, 5]
+    assert picked == [0, 2, 5]  # round(linspace(0, 5, 3)) = round([0, 2.5, 5]), half to even
     model = layer_subset(source, picked)
     ids = torch.randint(0, COMMON["vocab_size"], (1, 9))
     with torch.no_grad():

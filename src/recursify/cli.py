@@ -7,11 +7,8 @@ the command name) shows the full traceback instead.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -62,23 +59,14 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-@contextmanager
 def atomic_output_dir(target: Path, overwrite: bool):
-    """Write into a temporary sibling folder and rename it into place only on success, so a
-    failure never leaves a half-written checkpoint behind."""
+    """`hub.atomic_dir`, refusing an existing folder unless --overwrite."""
+    from .hub import atomic_dir  # imports torch: not at CLI start-up
+
     target = Path(target)
     if target.exists() and not overwrite:
         raise CLIError(f"output directory {target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    return atomic_dir(target)
 
 
 def source_breakdown(model) -> dict[str, int]:

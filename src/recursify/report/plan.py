@@ -110,6 +110,12 @@ class Cell:
                     lora_init=self.lora_init, variant=self.variant)
 
 
+def middle_rank(ranks) -> int:
+    """The rank of the single-rank ablations (init, LoRA init, exits): 64 when the budget has it,
+    else its first rank between 0 and full."""
+    return 64 if 64 in ranks else next(r for r in ranks if r not in (0, "full"))
+
+
 def _merge(cells: list[Cell]) -> list[Cell]:
     """One cell per key; tags and the benchmarks flag of duplicates are combined."""
     merged: dict[str, Cell] = {}
@@ -141,7 +147,7 @@ def plan_cells(budget: Budget, benchmarks: bool = True) -> list[Cell]:
                 for r in budget.ranks:
                     if r != "full":
                         cells.append(rec(strategy=s, init=i, rank=r, tags=("grid_trained",), **kd))
-    mid = 64 if 64 in budget.ranks else next(r for r in budget.ranks if r not in (0, "full"))
+    mid = middle_rank(budget.ranks)
     cells += [rec(strategy=s, init="stepwise", rank=0, tags=("strategy",), **kd) for s in budget.strategies]
     cells += [rec(strategy="cycle", init=i, rank=0, tags=("init_recursive",), **kd) for i in budget.inits]
     cells += [rec(strategy="cycle", init=i, rank=mid, tags=("init_relaxed",), **kd) for i in budget.inits]

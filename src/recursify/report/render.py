@@ -13,7 +13,7 @@ import os
 import platform
 from pathlib import Path
 
-from .plan import Cell
+from .plan import Cell, middle_rank
 
 NOISE = 0.02  # relative perplexity difference below which a comparison is inconclusive
 PLOTS = {"ppl_vs_params": "ppl_vs_params.png", "ppl_vs_tokens": "ppl_vs_tokens.png",
@@ -53,8 +53,7 @@ class Results:
 
     @property
     def mid_rank(self):
-        ranks = self.budget["ranks"]
-        return 64 if 64 in ranks else next(r for r in ranks if r not in (0, "full"))
+        return middle_rank(self.budget["ranks"])
 
 
 # ---------------------------------------------------------------------------------------- tables

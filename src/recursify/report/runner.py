@@ -90,7 +90,7 @@ class ReportRunner:
 
         from ..config import ConfigError, Layout, RecursionConfig
         from ..families import UnsupportedModelError, detect_family
-        from ..hub import check_causal
+        from ..hub import atomic_dir, check_causal
         from ..train.data import DataConfig, DataError, PackedDataset, build_datasets, overlap_report
 
         try:
@@ -119,12 +119,9 @@ class ReportRunner:
         # The trainer loads its teacher by path: keep one float copy, written once.
         self.teacher_dir = self.cache / "teacher"
         if not (self.teacher_dir / "config.json").exists():
-            tmp = self.cache / "teacher.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.teacher.save_pretrained(tmp)
-            self.tok.save_pretrained(tmp)
-            shutil.rmtree(self.teacher_dir, ignore_errors=True)
-            os.replace(tmp, self.teacher_dir)
+            with atomic_dir(self.teacher_dir) as tmp:
+                self.teacher.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
 
         b = self.budget
         try:
