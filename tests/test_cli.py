@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import byte_tokenizer, save_tiny
@@ -12,6 +17,20 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 def run(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "recursify", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run_code(code, *args, timeout=240, **kwargs):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+COMMANDS = {"convert", "generate", "info", "eval", "train", "plot", "serve", "bench-serve", "report"}
+
+# The CLI as `recursify` runs it, with lm-eval (the `eval` extra) made unimportable.
+WITHOUT_LM_EVAL = "import sys; sys.modules['lm_eval'] = None; from recursify.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def listed_commands(help_text):
+    return set(re.findall(r"^\W+([a-z][a-z-]*)\s{2,}", help_text, re.M))
 
 
 def assert_clean_error(res, needle):
@@ -147,3 +166,82 @@ def test_eval_bad_inputs(tiny, tmp_path):
     assert "also occur in the training data" in res.stdout + res.stderr
     save_bert(tmp_path / "bert")
     assert_clean_error(run("eval", str(tmp_path / "bert"), "--data", str(text), "--tasks", "ppl"), "not a causal language model")
+
+
+def test_missing_optional_dependency_is_one_line(tiny, tmp_path):
+    """Without lm-eval every command is still listed; those that need it name the extra, in one line."""
+    res = run_code(WITHOUT_LM_EVAL, "--help")
+    assert res.returncode == 0, res.stderr
+    assert COMMANDS <= listed_commands(res.stdout), res.stdout
+    res = run_code(WITHOUT_LM_EVAL, "eval", str(tiny), "--tasks", "paper")
+    assert_clean_error(res, "recursify eval --tasks paper needs lm-eval: pip install 'recursify[eval]'")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = run_code(WITHOUT_LM_EVAL, "report", "--out", str(tmp_path / "r"))
+    assert_clean_error(res, "recursify report needs lm-eval: pip install 'recursify[eval]'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_broken_command_module_is_not_swallowed():
+    """A command module that fails to import is a loud error, never a command missing from --help."""
+    code = """
+import sys
+
+class Broken:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("recursify.cli") and name not in ("recursify.cli", "recursify.cli.app"):
+            raise ImportError(f"broken on purpose: {name}", name=name)
+
+sys.meta_path.insert(0, Broken())
+from recursify.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    res = run_code(code, "--help")
+    assert res.returncode != 0
+    assert "broken on purpose" in res.stderr, res.stdout + res.stderr
+
+
+def test_bench_serve_runs_from_an_installed_package(tmp_path):
+    """bench-serve needs only the installed package: no source checkout, no benchmarks/ folder."""
+    import recursify
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(recursify.__file__).parent, site / "recursify", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import sys, recursify.bench.serve as m; print(m.__file__); from recursify.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = run_code(code, "bench-serve", "--help", cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith(str(site / "recursify")), res.stdout
+    assert "usage: recursify bench-serve" in res.stdout and "--requests" in res.stdout
+
+
+def test_cli_package_has_no_import_cycle():
+    """app.py imports no command module; command modules import app.py, never the package itself."""
+    import recursify.cli
+
+    package = Path(recursify.cli.__file__).parent
+    deps = {}
+    for path in package.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported.add(node.module or "")  # "": `from . import x`, i.e. the package's __init__
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("recursify.cli"):
+                imported.add(node.module.removeprefix("recursify.cli").lstrip("."))
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.removeprefix("recursify.cli").lstrip(".") for a in node.names
+                             if a.name.startswith("recursify.cli")}
+        deps[path.stem] = imported
+    assert deps["app"] == set(), deps
+    assert all("" not in d for d in deps.values()), deps
+    done: set[str] = set()
+
+    def visit(module, stack):
+        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
+        if module not in done:
+            for dep in deps.get(module, ()):
+                visit(dep, [*stack, module])
+            done.add(module)
+
+    for module in deps:
+        visit(module, [])

@@ -1,77 +1,20 @@
-"""`recursify` command line: a thin layer over the Python API.
-
-Every command reports failures as one line on stderr with a non-zero exit; `--debug` (before
-the command name) shows the full traceback instead.
-"""
+"""Model-level commands: convert a checkpoint, generate from it, inspect it."""
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help=(
-        "Turn a pretrained decoder-only LLM into a smaller Recursive Transformer, uptrain it by "
-        "distillation, evaluate it and serve it.\n\n"
-        "Typical flow:\n\n"
-        "  recursify convert smollm2-135m --loops 2 --lora-rank 64 --out runs/rec2\n\n"
-        "  recursify generate runs/rec2 --teacher smollm2-135m --prompt 'The capital of France is'"
-    ),
-)
-console = Console(stderr=True)
-out = Console()
-_STATE = {"debug": False}
-
-
-class CLIError(Exception):
-    """An error meant for the user: printed as one line, no traceback."""
-
-
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
-    _STATE["debug"] = debug
-    if not debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def atomic_output_dir(target: Path, overwrite: bool):
-    """`hub.atomic_dir`, refusing an existing folder unless --overwrite."""
-    from .hub import atomic_dir  # imports torch: not at CLI start-up
-
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise CLIError(f"output directory {target} already exists; pass --overwrite to replace it")
-    return atomic_dir(target)
+from .app import CLIError, app, atomic_output_dir, console, dir_size, human_bytes, out
 
 
 def source_breakdown(model) -> dict[str, int]:
     """Parameters of a Hugging Face model split like `RecursiveForCausalLM.parameter_breakdown`."""
-    from .families import detect_family
+    from ..families import detect_family
 
     family = detect_family(model.config)
     embed = model.get_input_embeddings().weight
@@ -206,42 +149,3 @@ def info(checkpoint: str = typer.Argument(..., help="A recursify checkpoint fold
     for k, v in model.parameter_breakdown().items():
         table.add_row(f"params: {k}", f"{v / 1e6:.2f}M")
     out.print(table)
-
-
-def _register_optional_commands() -> None:
-    """Commands whose modules pull heavier dependencies are imported lazily."""
-    from . import cli_extra  # noqa: F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        _register_optional_commands()
-    except ImportError:
-        pass
-    try:
-        app(args=argv, standalone_mode=False)
-        return 0
-    except typer.Exit as e:
-        return e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - the one place errors become one line
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if debug:
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        known = isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError))
-        prefix = "error" if known else f"error ({type(e).__name__})"
-        print(f"{prefix}: {message}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

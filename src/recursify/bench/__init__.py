@@ -1,0 +1,1 @@
+"""Benchmarks shipped inside the package, so their commands work from an installed wheel."""

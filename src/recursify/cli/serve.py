@@ -1,0 +1,36 @@
+"""Serving commands: the OpenAI-compatible server and its benchmark."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import PASSTHROUGH, app
+
+
+@app.command()
+def serve(
+    checkpoint: str = typer.Argument(..., help="A recursify checkpoint, HF causal-LM folder or bundled name."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_batch: int = typer.Option(8, help="Concurrent sequences (KV-cache slots)."),
+    exit_threshold: Optional[float] = typer.Option(None, help="Early exit when the intermediate max softmax probability ≥ this."),
+    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, oracle."),
+    max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion (default: the model's context)."),
+    max_queue: int = typer.Option(64, help="Waiting requests before 429."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+):
+    """Serve a checkpoint behind an OpenAI-compatible HTTP API (continuous depth-wise batching)."""
+    from ..server import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, max_batch=max_batch, exit_threshold=exit_threshold,
+               exit_mode=exit_mode, max_model_len=max_model_len, max_queue=max_queue, threads=threads)
+
+
+@app.command("bench-serve", context_settings=PASSTHROUGH, add_help_option=False)
+def bench_serve(ctx: typer.Context):
+    """Serving benchmark: throughput, TTFT/TPOT and early-exit quality, rows (a)-(f). Options: see --help."""
+    from ..bench.serve import main as bench_main
+
+    bench_main(list(ctx.args), prog="recursify bench-serve")
