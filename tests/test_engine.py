@@ -209,6 +209,50 @@ def test_kv_projection_matches_the_keys_layer_forward_attends_with(family, strat
     torch.testing.assert_close(v, seen["kv"][1])
 
 
+# ---------------------------------------------------------------- device placement
+def test_every_tensor_a_step_builds_follows_the_model_device():
+    """With no GPU here, the default device is switched to `meta` around each step instead: the
+    model and cache stay on the CPU, so a tensor built without the model's device lands on meta
+    and the step breaks, as a host-built tensor breaks a step on a GPU-served model."""
+    model = convert(strategy="middle_cycle")  # prelude and coda layers run on subsets of rows
+    ps = prompts([5, 9, 3], seed=2)
+    schedule = [1, 2, 2, 1, 1, 2, 1, 2, 2]  # replayed exits: rows at mixed loops, skipped k/v filled
+    params = [GREEDY, GREEDY, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)]
+
+    def outputs(engine):
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            engine.add_request(p, sp, exit_schedule=schedule[i:])
+        return [(o.token_ids, o.exit_depths) for o in run(engine)]
+
+    expected = outputs(LLMEngine(model, max_batch=3, max_model_len=64, exit="replay"))
+    engine = LLMEngine(model, max_batch=3, max_model_len=64, exit="replay")
+    device = model.embed_tokens.weight.device
+    assert engine.cache.k.device == engine.cache.v.device == device
+    log = LoopLog(engine)
+    seen = {"write": set(), "hidden": set(), "logits": set()}
+    cache_write, runner_step, engine_step = engine.cache.write, engine.runner.step, engine.step
+
+    def write(*args):
+        seen["write"].update(a.device for a in args)
+        cache_write(*args)
+
+    def step_runner(items):
+        emissions, completed = runner_step(items)
+        seen["hidden"].update(it.hidden.device for it in items if it.hidden is not None)
+        seen["logits"].update(em.logits.device for em in emissions)
+        return emissions, completed
+
+    def step():
+        with torch.device("meta"):
+            return engine_step()
+
+    engine.cache.write, engine.runner.step, engine.step = write, step_runner, step
+    assert outputs(engine) == expected
+    assert log.mixed_loop_steps()
+    assert seen["write"] == seen["hidden"] == {device}
+    assert seen["logits"] == {torch.device("cpu")}  # handed to sampling on the host
+
+
 # ---------------------------------------------------------------- cache, queue, sampling
 def test_kv_cache_budget_queues_and_frees_on_completion():
     model = convert()

@@ -49,7 +49,7 @@ class KVCache:
 
     @staticmethod
     def bytes_per_slot(num_positions, num_kv_heads, head_dim, max_len, dtype=torch.float32) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         return 2 * num_positions * num_kv_heads * max_len * head_dim * itemsize
 
     @property

@@ -12,6 +12,10 @@ projections of the skipped positions, batched per shared slot, in the same step.
 
 Rows are grouped by length: single tokens in one group, prefill chunks (padded to the longest)
 in another, so a long chunk never pads every decode row to its length.
+
+Every tensor a step builds is made on the model's device, from host-side bookkeeping (the items'
+Python ints), so a step never reads a device tensor back to decide what to run. The one transfer
+back to the host is the exit logits (`Emission.logits`), which exit tests and sampling read.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class ExitConfig:
 
 @dataclass
 class Emission:
-    """A row that produced its sequence's next token: logits to sample from and its depth in loops."""
+    """A row that produced its sequence's next token: logits (on the host) to sample from and its depth in loops."""
 
     item: WorkItem
     logits: torch.Tensor
@@ -72,30 +76,45 @@ def kv_projection(model, slot: int, position, h: torch.Tensor, rope: dict) -> tu
     return k, v
 
 
-class _Group:
-    """Rows of one forward call: per-row sequence slot, first cache index, length, loop."""
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    """A LongTensor of host ints, made on `device` (one host-to-device copy)."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
-    def __init__(self, items, slots, starts, lens, loops, h, rope, window):
-        self.items, self.slots, self.starts, self.lens, self.loops = items, slots, starts, lens, loops
-        self.h, self.rope = h, rope
+
+class _Group:
+    """Rows of one forward call: per-row sequence slot and first cache index, valid tokens, masks.
+
+    Everything is built on h's device; the sizes and valid (row, token) pairs come from the
+    items, never from reading a device tensor back.
+    """
+
+    def __init__(self, items, h, rope, window):
+        self.items, self.h, self.rope = items, h, rope
+        device = h.device
         n, T = h.shape[0], h.shape[1]
-        t = torch.arange(T)
-        valid = t.view(1, T) < lens.view(n, 1)
-        self.valid_rows, self.valid_t = valid.nonzero(as_tuple=True)
-        self.S = int((starts + lens).max())
-        q_idx = (starts.view(n, 1) + t.view(1, T)).view(n, 1, T, 1)
-        k_idx = torch.arange(self.S).view(1, 1, 1, self.S)
+        self.slots = _long([it.seq_slot for it in items], device)
+        self.starts = _long([it.start for it in items], device)
+        self._set_valid(device)
+        self.S = max(it.start + it.length for it in items)
+        t = torch.arange(T, device=device)
+        q_idx = (self.starts.view(n, 1) + t.view(1, T)).view(n, 1, T, 1)
+        k_idx = torch.arange(self.S, device=device).view(1, 1, 1, self.S)
         full = k_idx <= q_idx
         self.masks = {False: full, True: full & ((q_idx - k_idx) < window) if window else full}
 
-    def subset(self, idx: torch.Tensor) -> "_Group":
+    def _set_valid(self, device) -> None:
+        """(row, token) index pairs of the non-padding tokens, in row-major order."""
+        self.valid_rows = _long([i for i, it in enumerate(self.items) for _ in range(it.length)], device)
+        self.valid_t = _long([t for it in self.items for t in range(it.length)], device)
+
+    def subset(self, rows: list[int]) -> "_Group":
         g = object.__new__(_Group)
-        g.items = [self.items[i] for i in idx.tolist()]
-        g.slots, g.starts, g.lens, g.loops = self.slots[idx], self.starts[idx], self.lens[idx], self.loops[idx]
+        idx = _long(rows, self.h.device)
+        g.items = [self.items[i] for i in rows]
+        g.slots, g.starts = self.slots[idx], self.starts[idx]
         g.h = self.h[idx]
         g.rope = {key: (c[idx], s[idx]) for key, (c, s) in self.rope.items()}
-        valid = torch.arange(g.h.shape[1]).view(1, -1) < g.lens.view(-1, 1)
-        g.valid_rows, g.valid_t = valid.nonzero(as_tuple=True)
+        g._set_valid(self.h.device)
         g.S = self.S
         g.masks = {key: m[idx] for key, m in self.masks.items()}
         return g
@@ -128,37 +147,35 @@ class ModelRunner:
                 self.exit = ExitConfig("none")
         self.slot_of = layout.slot_of_position
         self.block_slots = [self.slot_of[p] for p in self.loop_positions[0]]
-        self.pos_table = torch.tensor(self.loop_positions, dtype=torch.long)  # [num_loops, K]
         self.device = model.embed_tokens.weight.device
+        if cache.k.device != self.device:
+            raise ValueError(f"the KV cache is on {cache.k.device} but the model is on {self.device}")
 
     # ------------------------------------------------------------------ assembly
     def _group(self, items: list[WorkItem]) -> _Group:
         n, T = len(items), max(it.length for it in items)
         d = self.model.arch.hidden_size
-        h = torch.zeros(n, T, d, dtype=self.model.embed_tokens.weight.dtype)
+        device = self.device
+        h = torch.zeros(n, T, d, dtype=self.model.embed_tokens.weight.dtype, device=device)
         fresh = [i for i, it in enumerate(items) if it.loop == 0]
         if fresh:
-            ids = torch.zeros(len(fresh), T, dtype=torch.long)
-            for j, i in enumerate(fresh):
-                ids[j, : items[i].length] = torch.tensor(items[i].token_ids)
-            h[fresh] = self.model.embed(ids)
+            ids = _long([items[i].token_ids + [0] * (T - items[i].length) for i in fresh], device)
+            h[_long(fresh, device)] = self.model.embed(ids)
         for i, it in enumerate(items):
             if it.loop > 0:
                 h[i, : it.length] = it.hidden
-        starts = torch.tensor([it.start for it in items])
-        lens = torch.tensor([it.length for it in items])
-        loops = torch.tensor([it.loop for it in items])
-        slots = torch.tensor([it.seq_slot for it in items])
-        pos_ids = starts.view(n, 1) + torch.arange(T).view(1, T)
+        pos_ids = _long([it.start for it in items], device).view(n, 1) + torch.arange(T, device=device).view(1, T)
         rope = self.model.rope(h, pos_ids)
-        return _Group(items, slots, starts, lens, loops, h, rope, self.model.arch.sliding_window)
+        return _Group(items, h, rope, self.model.arch.sliding_window)
 
     def _attend(self, g: _Group):
         cache = self.cache
 
         def attend(q, k, v, position, is_sliding):
             n = k.shape[0]
-            pos = torch.full((n,), position, dtype=torch.long) if isinstance(position, int) else position
+            pos = position
+            if isinstance(position, int):
+                pos = torch.full((n,), position, dtype=torch.long, device=k.device)
             rr, tt = g.valid_rows, g.valid_t
             cache.write(g.slots[rr], pos[rr], g.starts[rr] + tt, k[rr, :, tt], v[rr, :, tt])
             keys, values = cache.read(g.slots, pos, g.S)
@@ -182,22 +199,23 @@ class ModelRunner:
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask.repeat(1, 1, G, 1), scale=a.scaling)
         return out.view(n, H, T, D)
 
-    def _layer(self, g: _Group, positions: torch.Tensor) -> None:
-        """Run one layer on every row of g; positions [n] must all map to one shared slot."""
-        slot = self.slot_of[int(positions[0])]
-        pos = int(positions[0]) if bool((positions == positions[0]).all()) else positions
+    def _layer(self, g: _Group, positions: list[int]) -> None:
+        """Run one layer on every row of g; positions (one per row) must all map to one shared slot."""
+        slot = self.slot_of[positions[0]]
+        same = all(p == positions[0] for p in positions)
+        pos = positions[0] if same else _long(positions, g.h.device)
         g.h = self.model.layer_forward(slot, pos, g.h, g.rope, self._attend(g))
 
-    def _on_rows(self, g: _Group, rows: torch.Tensor, position: int) -> None:
+    def _on_rows(self, g: _Group, rows: list[int], position: int) -> None:
         """A unique (prelude/coda) layer on a subset of rows."""
-        if rows.numel() == 0:
+        if not rows:
             return
-        if rows.numel() == len(g.items):
-            self._layer(g, torch.full((len(g.items),), position))
+        if len(rows) == len(g.items):
+            self._layer(g, [position] * len(rows))
             return
         sub = g.subset(rows)
-        self._layer(sub, torch.full((rows.numel(),), position))
-        g.h = g.h.index_copy(0, rows, sub.h)
+        self._layer(sub, [position] * len(rows))
+        g.h = g.h.index_copy(0, _long(rows, g.h.device), sub.h)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -211,13 +229,13 @@ class ModelRunner:
         last = self.num_loops - 1
         for g in groups:
             for p in self.prelude:
-                self._on_rows(g, (g.loops == 0).nonzero().flatten(), p)
-        for k in range(self.pos_table.shape[1]):
+                self._on_rows(g, [i for i, it in enumerate(g.items) if it.loop == 0], p)
+        for k in range(len(self.loop_positions[0])):
             for g in groups:
-                self._layer(g, self.pos_table[g.loops, k])
+                self._layer(g, [self.loop_positions[it.loop][k] for it in g.items])
         for g in groups:
             for p in self.coda:
-                self._on_rows(g, (g.loops == last).nonzero().flatten(), p)
+                self._on_rows(g, [i for i, it in enumerate(g.items) if it.loop == last], p)
 
         emissions: list[Emission] = []
         completed: list[WorkItem] = []
@@ -229,9 +247,10 @@ class ModelRunner:
             ]
             logits = {}
             if need:
-                idx = torch.tensor(need)
-                last_h = g.h[idx, g.lens[idx] - 1]
-                logits = dict(zip(need, self.model.exit_logits(last_h).float()))
+                rows = _long(need, g.h.device)
+                last_t = _long([g.items[i].length - 1 for i in need], g.h.device)
+                # The step's one device-to-host copy: exit tests and sampling read these on the host.
+                logits = dict(zip(need, self.model.exit_logits(g.h[rows, last_t]).float().cpu()))
             exited = []
             for i, it in enumerate(g.items):
                 if it.loop == last:
@@ -282,7 +301,7 @@ class ModelRunner:
                 rs.append(i)
                 ps.append(p)
         for slot, (rs, ps) in by_slot.items():
-            r, p = torch.tensor(rs), torch.tensor(ps)
+            r, p = _long(rs, g.h.device), _long(ps, g.h.device)
             rope = {key: (c[r], s[r]) for key, (c, s) in g.rope.items()}
             k, v = kv_projection(self.model, slot, p, g.h[r, :1], rope)
             self.cache.write(g.slots[r], p, g.starts[r], k[:, :, 0], v[:, :, 0])
