@@ -185,3 +185,86 @@ def test_findings_follow_the_numbers():
     assert verdicts["Early-exit loss weights"] == "**agrees**"  # exit 1: 300 < 900; final 97 < weighted 110
     assert verdicts["Recursive vs parameter-matched baselines"] == "**agrees**"  # 100 < min(140, 125)
     assert verdicts["Relaxation (LoRA rank)"] == "**agrees**"  # r=64 (average) 95 vs r=0 (stepwise) 100, 5% lower
+
+
+def _results(ppl: dict, extra: dict | None = None, budget: dict | None = None):
+    """Hand-set perplexities (key -> ppl) on a two-strategy, one-init grid with ranks 0, 8 and full."""
+    from recursify.report.render import Results
+
+    cells = [{"key": k, "cell": {}, "tags": [], "result": {"ppl": v, **(extra or {}).get(k, {})}} for k, v in ppl.items()]
+    b = {"name": "hand", "ranks": [0, 8, "full"], "strategies": ["cycle", "sequence"], "inits": ["average"],
+         "train_tokens": 1000, **(budget or {})}
+    return Results({"cells": cells, "budget": b})
+
+
+GRID = {"teacher": 20.0, "rec-cycle-average-rfull": 20.0, "rec-sequence-average-rfull": 20.0,
+        "rec-cycle-average-r0": 900.0, "rec-sequence-average-r0": 800.0,
+        "rec-cycle-average-r8": 500.0, "rec-sequence-average-r8": 850.0,
+        "rec-cycle-average-r8-kd": 60.0, "rec-sequence-average-r8-kd": 70.0}
+
+
+def test_full_rank_note_names_the_cells_that_miss_the_teacher():
+    """A full-rank cell far from the teacher is named with its number; exact ones are stated as exact."""
+    from recursify.report.render import grid_note
+
+    exact = grid_note(_results(GRID))
+    assert exact.startswith("Full rank reproduces the teacher's perplexity (20.0) within 1e-03") and "all 2 cells" in exact
+    off = grid_note(_results({**GRID, "rec-sequence-average-rfull": 30.0}))
+    assert "Full rank reproduces" not in off
+    assert "does not reproduce" in off and "1 of 2 cells: sequence average 30.0 (+50.0%)" in off
+    assert "Full rank" not in grid_note(_results({k: v for k, v in GRID.items() if k != "teacher"}))  # nothing to compare
+
+
+def test_svd_note_follows_the_untrained_and_trained_numbers():
+    """Far-off SVD cells and KD that helps but stays far: neither recovers the teacher, said with the numbers."""
+    from recursify.report.render import grid_note
+
+    note = grid_note(_results(GRID))
+    assert "rank 8 scores a lower perplexity than rank 0 in 1 of 2 (strategy, init) pairs and a higher one in 1." in note
+    assert "closest to the teacher is cycle average r=8 at 500.0" in note and "alone does not recover the teacher" in note
+    assert "lowers perplexity in 2 of the 2 truncated-SVD cells" in note
+    assert "cycle average r=8 (500.0 → 60.0, +200.0% against the teacher's 20.0)" in note
+    assert "uptraining does not recover the teacher" in note and "uptraining does." not in note
+
+
+def test_svd_note_when_the_svd_alone_is_already_close():
+    """An untrained truncated SVD within 2% of the teacher is reported as recovering it."""
+    from recursify.report.render import grid_note
+
+    note = grid_note(_results({**GRID, "rec-cycle-average-r8": 20.2}))
+    assert "closest to the teacher is cycle average r=8 at 20.2" in note
+    assert "alone recovers the teacher within 2%" in note and "does not recover the model" not in note
+
+
+def test_svd_note_when_training_does_not_help():
+    """KD that raises perplexity is counted as such; KD that reaches the teacher is said to recover it."""
+    from recursify.report.render import grid_note
+
+    worse = grid_note(_results({**GRID, "rec-cycle-average-r8-kd": 700.0, "rec-sequence-average-r8-kd": 900.0}))
+    assert "lowers perplexity in 0 of the 2 truncated-SVD cells measured before and after it and raises it in 2" in worse
+    assert "uptraining does not recover the teacher" in worse
+    reached = grid_note(_results({**GRID, "rec-cycle-average-r8-kd": 20.1}))
+    assert "is within 2%, so uptraining recovers the teacher" in reached
+    untrained_only = grid_note(_results({k: v for k, v in GRID.items() if not k.endswith("-kd")}))
+    assert "Uptraining" not in untrained_only and "recover the teacher" in untrained_only  # not measured: no claim
+
+
+def test_report_header_follows_the_tokens_and_benchmarks_measured():
+    """'The same for every baseline' only when every trained cell saw the budget's tokens; benchmarks only if run."""
+    from recursify.report.render import render_markdown
+
+    def header(tokens: dict) -> list[str]:
+        res = _results({"teacher": 20.0, "truncated-kd": 90.0, "rec-cycle-average-r0-kd": 80.0},
+                       extra={k: {"params": 1e6, "train_tokens": t} for k, t in tokens.items()},
+                       budget={"num_loops": 2, "batch_size": 4, "seq_len": 8, "lr": 1e-3, "eval_context": 16,
+                               "task_limit": 2})
+        res.summary.update(model="m", data=["d"], heldout=["h"], overlap_sequences=0, heldout_tokens=64)
+        for c in res.summary["cells"]:
+            c["seconds"] = 1.0
+        return render_markdown(res, "cmd").splitlines()[4:7]
+
+    same = header({"truncated-kd": 1000, "rec-cycle-average-r0-kd": 1000})
+    assert same[0].endswith("lr 0.001), the same for every baseline.")
+    assert same[2] == "- Benchmarks: not run."
+    short = header({"truncated-kd": 400, "rec-cycle-average-r0-kd": 1000})
+    assert "the same for every baseline" not in short[0] and short[0].endswith("the trained cells saw 400, 1,000 tokens.")

@@ -16,6 +16,7 @@ from pathlib import Path
 from .plan import Cell, middle_rank
 
 NOISE = 0.02  # relative perplexity difference below which a comparison is inconclusive
+FULL_RANK_TOL = 1e-3  # the full-rank conversion is exact: only float rounding may move its perplexity
 PLOTS = {"ppl_vs_params": "ppl_vs_params.png", "ppl_vs_tokens": "ppl_vs_tokens.png",
          "exit_vs_agreement": "exit_vs_agreement.png"}
 
@@ -123,25 +124,74 @@ def grid_table(res: Results) -> str:
     return _table(header, rows)
 
 
-def grid_note(res: Results) -> str:
-    """What the untrained grid shows, stated from its numbers."""
+def _measured(res: Results, keys: dict) -> dict:
+    """The perplexities of `keys` (name -> cell key) that were measured; NaN counts as not measured."""
+    vals = {name: res.ppl(k) for name, k in keys.items()}
+    return {name: v for name, v in vals.items() if v is not None and not math.isnan(v)}
+
+
+def _off(x: float, ref: float) -> str:
+    return f"{(x - ref) / ref:+.1%}"  # signed relative difference
+
+
+def full_rank_note(res: Results) -> str:
+    """Whether the exact (full-rank) conversion scores the teacher's perplexity, cell by cell."""
     b, teacher = res.budget, res.ppl("teacher")
-    notes = []
-    full = [res.ppl(_rec(strategy=s, init=i, rank="full", trained=False)) for s in b["strategies"] for i in b["inits"]]
-    full = [x for x in full if x is not None]
-    if full and teacher:
-        worst = max(abs(x - teacher) / teacher for x in full)
-        notes.append(f"Full rank reproduces the teacher in every cell (largest relative perplexity difference "
-                     f"{worst:.1e}), which checks the conversion itself.")
+    full = _measured(res, {f"{s} {i}": _rec(strategy=s, init=i, rank="full", trained=False)
+                           for s in b["strategies"] for i in b["inits"]})
+    if not full or not teacher:
+        return ""
+    off = {n: v for n, v in full.items() if not abs(v - teacher) <= FULL_RANK_TOL * teacher}
+    if not off:
+        return (f"Full rank reproduces the teacher's perplexity ({_fmt_ppl(teacher)}) within {FULL_RANK_TOL:.0e} (relative) "
+                f"in all {len(full)} cells (largest difference {max(abs(v - teacher) for v in full.values()) / teacher:.1e}), "
+                "which checks the conversion itself.")
+    listed = ", ".join(f"{n} {_fmt_ppl(v)} ({_off(v, teacher)})" for n, v in off.items())
+    return (f"Full rank does not reproduce the teacher's perplexity ({_fmt_ppl(teacher)}) within {FULL_RANK_TOL:.0e} "
+            f"(relative) in {len(off)} of {len(full)} cells: {listed}; the conversion is not exact there.")
+
+
+def svd_note(res: Results) -> str:
+    """What a truncated SVD does before training, and what uptraining adds, from the numbers measured."""
+    b, teacher = res.budget, res.ppl("teacher")
     low = [r for r in b["ranks"] if r not in (0, "full")]
+    pairs = [(s, i) for s in b["strategies"] for i in b["inits"]]
+    notes = []
     if low:
-        pairs = [(res.ppl(_rec(strategy=s, init=i, rank=0, trained=False)), res.ppl(_rec(strategy=s, init=i, rank=low[0], trained=False)))
-                 for s in b["strategies"] for i in b["inits"]]
-        pairs = [(a, c) for a, c in pairs if a and c]
-        better = sum(c < a for a, c in pairs)
-        notes.append(f"Before uptraining, rank {low[0]} beats rank 0 in {better} of {len(pairs)} (strategy, init) pairs: "
-                     "a truncated SVD of the residuals alone does not recover the model; uptraining does.")
+        r0, r1 = (_measured(res, {p: _rec(strategy=p[0], init=p[1], rank=r, trained=False) for p in pairs}) for r in (0, low[0]))
+        both = [_better(r1[p], r0[p]) for p in pairs if p in r0 and p in r1]
+        if both:
+            notes.append(f"Before uptraining, rank {low[0]} scores a lower perplexity than rank 0 in {both.count(True)} "
+                         f"of {len(both)} (strategy, init) pairs and a higher one in {both.count(False)}"
+                         + (f" ({both.count(None)} within {NOISE:.0%})." if None in both else "."))
+    keys = {f"{s} {i} r={r}": (s, i, r) for s, i in pairs for r in low}
+    before = _measured(res, {n: _rec(strategy=s, init=i, rank=r, trained=False) for n, (s, i, r) in keys.items()})
+    after = _measured(res, {n: _rec(strategy=s, init=i, rank=r) for n, (s, i, r) in keys.items()})
+    if before and teacher:
+        n = min(before, key=lambda k: abs(before[k] - teacher))
+        close = abs(before[n] - teacher) <= NOISE * teacher
+        notes.append(f"Without training, the truncated-SVD cell closest to the teacher is {n} at {_fmt_ppl(before[n])} "
+                     f"against the teacher's {_fmt_ppl(teacher)} ({_off(before[n], teacher)}): the SVD of the residuals "
+                     + (f"alone recovers the teacher within {NOISE:.0%}." if close else "alone does not recover the teacher."))
+    paired = [n for n in keys if n in before and n in after]
+    if paired:
+        moved = [_better(after[n], before[n]) for n in paired]
+        text = (f"Uptraining with KD lowers perplexity in {moved.count(True)} of the {len(paired)} truncated-SVD cells "
+                f"measured before and after it and raises it in {moved.count(False)}")
+        if teacher:
+            n = min(paired, key=lambda k: abs(after[k] - teacher))
+            reached = abs(after[n] - teacher) <= NOISE * teacher
+            text += (f"; the closest to the teacher afterwards, {n} ({_fmt_ppl(before[n])} → {_fmt_ppl(after[n])}, "
+                     f"{_off(after[n], teacher)} against the teacher's {_fmt_ppl(teacher)}), "
+                     + (f"is within {NOISE:.0%}, so uptraining recovers the teacher" if reached
+                        else f"is not within {NOISE:.0%}, so uptraining does not recover the teacher"))
+        notes.append(text + ".")
     return " ".join(notes)
+
+
+def grid_note(res: Results) -> str:
+    """What the untrained grid shows, stated from its numbers (nothing where they were not measured)."""
+    return " ".join(x for x in (full_rank_note(res), svd_note(res)) if x)
 
 
 def trained_table(res: Results) -> str:
@@ -344,6 +394,14 @@ def plot_all(res: Results, out: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------- report
 
 
+def _tokens_note(res: Results) -> str:
+    """Whether every trained cell, baselines included, really saw the budget's token count."""
+    seen = sorted({c["result"]["train_tokens"] for c in res.summary["cells"] if "train_tokens" in c["result"]})
+    if seen in ([], [res.budget["train_tokens"]]):
+        return ", the same for every baseline" if seen else ""
+    return "; the trained cells saw " + ", ".join(f"{t:,}" for t in seen) + " tokens"
+
+
 def render_markdown(res: Results, command: str) -> str:
     s, b = res.summary, res.budget
     lines = [f"# recursify report: {s['model']}, budget `{b['name']}`", ""]
@@ -351,10 +409,11 @@ def render_markdown(res: Results, command: str) -> str:
     limit = "all items" if b["task_limit"] is None else f"the first {b['task_limit']} items of each task"
     lines += [
         f"- {b['num_loops']} loops; {b['train_tokens']:,} KD tokens per trained model (batch {b['batch_size']} x "
-        f"{b['seq_len']}, lr {b['lr']}), the same for every baseline.",
+        f"{b['seq_len']}, lr {b['lr']}){_tokens_note(res)}.",
         f"- Perplexity: strided sliding window (context {b['eval_context']}, stride {b['eval_context'] // 2}) over "
         f"{s['heldout_tokens']:,} held-out tokens of {', '.join(s['heldout'])}; training text: {', '.join(s['data'])}.",
-        f"- Benchmarks: the paper's seven tasks through lm-evaluation-harness, zero-shot, {limit}.",
+        f"- Benchmarks: the paper's seven tasks through lm-evaluation-harness, zero-shot, {limit}."
+        if any("paper" in c["result"] for c in s["cells"]) else "- Benchmarks: not run.",
         f"- Held-out sequences found in the training data: {s['overlap_sequences']}.",
         f"- {len(s['cells'])} cells; computing them took {sum(c['seconds'] for c in s['cells']) / 60:.0f} minutes "
         f"({len(s.get('computed', []))} computed by the latest run, the rest reused from `cells/`); "
