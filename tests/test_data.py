@@ -227,6 +227,56 @@ def test_explicit_heldout_sources_drop_duplicates_from_train(tmp_path, tok):
     assert split_docs(heldout.read_tokens()) == [tuple(ids("a dog ran")), tuple(ids("far away"))]
 
 
+def many_files(folder: Path, n: int = 120, words: int = 12) -> list[str]:
+    """n small text files whose first few are all training documents, as in a sorted docs folder."""
+    docs = [" ".join(random.Random(i).choices(WORDS, k=words)) for i in range(n)]
+    for i, doc in enumerate(docs):
+        write(folder / f"{i:04d}.txt", doc)
+    return docs
+
+
+def test_heldout_split_does_not_depend_on_max_tokens(tmp_path, tok):
+    docs = many_files(tmp_path / "docs")
+    held = [d for d in docs if is_heldout(d, 0.05)]
+    first_held = next(i for i, d in enumerate(docs) if is_heldout(d, 0.05))
+    assert 2 <= len(held) < 20 and first_held * 13 > 20  # the 20-token budget fills before any held-out document
+    expected = []
+    for d in held:
+        expected += ([EOS] if expected else []) + ids(d)
+
+    streams = []
+    for max_tokens in (20, 400, None):
+        train, heldout = build_datasets(
+            cfg_for(tmp_path, [tmp_path / "docs"], seq_len=8, heldout_fraction=0.05, max_tokens=max_tokens,
+                    tokenize_batch_docs=4),
+            tok,
+        )
+        assert len(heldout) > 0
+        assert heldout.read_tokens().tolist() == expected
+        if max_tokens is not None:
+            assert train.num_tokens == max_tokens
+        streams.append(train.read_tokens())
+    assert np.array_equal(streams[0], streams[2][:20]) and np.array_equal(streams[1], streams[2][:400])
+    assert not {tuple(ids(d)) for d in held} & set(split_docs(streams[2]))
+
+
+def test_heldout_tokens_caps_the_heldout_stream_whatever_max_tokens_is(tmp_path, tok):
+    docs = many_files(tmp_path / "docs", n=200)
+    full = build_datasets(cfg_for(tmp_path, [tmp_path / "docs"], seq_len=8, heldout_fraction=0.1), tok)[1]
+    assert full.num_tokens > 30
+    for max_tokens in (40, 1000):
+        heldout = build_datasets(
+            cfg_for(tmp_path, [tmp_path / "docs"], seq_len=8, heldout_fraction=0.1, max_tokens=max_tokens,
+                    heldout_tokens=30),
+            tok,
+        )[1]
+        assert np.array_equal(heldout.read_tokens(), full.read_tokens()[:30])
+    tiny = build_datasets(
+        cfg_for(tmp_path, [tmp_path / "docs"], seq_len=8, heldout_fraction=0.1, max_tokens=40, heldout_tokens=3), tok
+    )[1]
+    assert tiny.num_tokens == 8 and len(tiny) == 1  # never less than one sequence
+
+
 # ------------------------------------------------------------------------------ cache
 
 
@@ -392,6 +442,28 @@ def test_error_corpus_too_small_for_one_heldout_sequence(tmp_path, tok):
     assert "held-out split has 3 tokens" in msg and "at least 4" in msg
 
 
+def test_error_heldout_too_small_gives_the_real_corpus_size_whatever_max_tokens_is(tmp_path, tok):
+    docs = [f"the cat sat on the mat {w}" for w in WORDS]
+    kept = [t for t in docs if not is_heldout(t, 0.05)]
+    assert len(kept) >= 8
+    for i, doc in enumerate(kept):
+        write(tmp_path / "c" / f"{i}.txt", doc)
+    for max_tokens, size in ((None, f"{7 * len(kept)} tokens"), (10, "at least 14 tokens")):
+        msg = assert_one_line_error(
+            cfg_for(tmp_path, [tmp_path / "c"], seq_len=4, heldout_fraction=0.05, max_tokens=max_tokens), tok,
+            "corpus too small",
+        )
+        assert f"held-out split has 0 tokens (0 of the corpus's {len(kept)} documents, {size} in all" in msg
+        assert "heldout_fraction=0.05" in msg and "at least 4 for one sequence" in msg
+
+    write_jsonl(tmp_path / "h.jsonl", ["a", "far"])
+    msg = assert_one_line_error(
+        cfg_for(tmp_path, [tmp_path / "c"], heldout_sources=[str(tmp_path / "h.jsonl")], seq_len=4, max_tokens=10),
+        tok, "corpus too small",
+    )
+    assert "held-out split has 3 tokens (all 2 documents of the held-out sources)" in msg and "at least 4" in msg
+
+
 def test_error_tokenizer_without_eos(tmp_path):
     write(tmp_path / "a.txt", "the cat sat")
     assert_one_line_error(cfg_for(tmp_path, [tmp_path / "a.txt"]), make_tokenizer(eos=False), "no EOS token")
@@ -402,3 +474,5 @@ def test_error_bad_config():
         DataConfig(sources=["x"], heldout_fraction=1.0)
     with pytest.raises(DataError, match="seq_len"):
         DataConfig(sources=["x"], seq_len=1)
+    with pytest.raises(DataError, match="heldout_tokens"):
+        DataConfig(sources=["x"], heldout_tokens=0)

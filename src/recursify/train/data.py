@@ -9,6 +9,9 @@ Design points the trainer relies on:
 
 * The held-out split is made per *document* from a hash of its text, so it is stable across runs,
   seeds and sequence lengths, and a document (or an exact duplicate of it) is never on both sides.
+* The held-out split does not depend on ``max_tokens``: reading goes on past the training budget
+  (tokenising only held-out documents) until the held-out side has ``heldout_tokens`` or the
+  sources run out, so a small budget on a large corpus still gets its held-out text.
 * The cache is keyed on the inputs (files with their sizes/mtimes, tokenizer, split settings), not
   on ``seq_len``: sequences are cut when reading, so changing ``seq_len`` reuses the cache.
 * ``batches`` is a pure function of (seed, step), which is what makes checkpoint resume and
@@ -45,7 +48,8 @@ __all__ = [
 ]
 
 # Bump when the on-disk format or the packing rules change: old caches are then ignored.
-CACHE_VERSION = 1
+# 2: the held-out side is read past the training budget (v1 caches stopped at max_tokens).
+CACHE_VERSION = 2
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
@@ -69,6 +73,10 @@ class DataConfig:
     training (documents whose text also occurs in the held-out set are dropped from training);
     ``heldout_fraction`` is then ignored. ``seed`` is not used to build the data (the split is
     seed-independent on purpose); it is the seed the trainer should pass to :func:`batches`.
+
+    ``max_tokens`` caps the training stream only. ``heldout_tokens`` caps the held-out stream (at
+    least one ``seq_len`` is always kept); ``None`` keeps every held-out document. Either way the
+    held-out stream is the same whatever ``max_tokens`` is.
     """
 
     sources: list[str]
@@ -78,6 +86,7 @@ class DataConfig:
     cache_dir: str | None = None
     max_tokens: int | None = None
     heldout_sources: list[str] | None = None
+    heldout_tokens: int | None = None
     shard_tokens: int = 1 << 24
     tokenize_batch_docs: int = _TOKENIZE_BATCH_DOCS
 
@@ -97,8 +106,15 @@ class DataConfig:
             raise DataError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise DataError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.heldout_tokens is not None and self.heldout_tokens < 1:
+            raise DataError(f"heldout_tokens must be positive, got {self.heldout_tokens}")
         if self.shard_tokens < 1:
             raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
+
+    @property
+    def heldout_cap(self) -> int | None:
+        """Held-out tokens to read: ``heldout_tokens`` raised to one sequence (None: all)."""
+        return None if self.heldout_tokens is None else max(self.heldout_tokens, self.seq_len)
 
 
 def default_cache_dir() -> Path:
@@ -371,9 +387,13 @@ def _tokenize_into(
     heldout = _StreamWriter(tmp, "heldout", dtype, eos_id, cfg.shard_tokens)
     max_id = np.iinfo(dtype).max
     total_bytes = sum(r[2] for r in _stat_record(train_units + (heldout_units or [])))
-    seen_docs = 0
-    state = {"done": False, "dropped_dups": 0}
+    caps = {"train": cfg.max_tokens, "heldout": cfg.heldout_cap}
+    writers = {"train": train, "heldout": heldout}
+    counts = {"docs": 0, "tokens": 0, "dropped_dups": 0}
     heldout_hashes: set[bytes] = set()
+
+    def full(side: str) -> bool:
+        return caps[side] is not None and writers[side].num_tokens >= caps[side]
 
     def encode(texts: list[str]) -> list[np.ndarray]:
         # split_special_tokens: corpus text that spells "<|endoftext|>" must not forge a real EOS
@@ -387,66 +407,79 @@ def _tokenize_into(
             out.append(arr.astype(dtype))
         return out
 
-    def run(units: list[_Unit], route) -> None:
-        """Tokenise unit by unit, in bounded batches; `route(text) -> writer | None`."""
-        nonlocal seen_docs
+    def run(units: list[_Unit], route, needed: tuple[str, ...]) -> bool:
+        """Read documents until every side in `needed` is full; True if the units ran out first.
+
+        `route(text) -> side | None`. Only documents bound for a side that is not yet full are
+        tokenised, so reading past the training budget costs little more than the reading.
+        """
         for unit in units:
-            batch: list[str] = []
+            batch: list[tuple[str, str]] = []
             chars = 0
             for doc in _unit_documents(unit):
-                seen_docs += 1
-                batch.append(doc)
+                counts["docs"] += 1
+                bar.update(len(doc))
+                side = route(doc)
+                if side is None or full(side):
+                    continue
+                batch.append((side, doc))
                 chars += len(doc)
                 if len(batch) >= cfg.tokenize_batch_docs or chars >= _TOKENIZE_BATCH_CHARS:
-                    flush(batch, route)
+                    add(batch)
                     batch, chars = [], 0
-                    if state["done"]:
-                        return
+                    if all(full(n) for n in needed):
+                        return False
             if batch:
-                flush(batch, route)
-            if state["done"]:
-                return
+                add(batch)
+            if all(full(n) for n in needed):
+                return False
+        return True
 
-    def flush(batch: list[str], route) -> None:
-        for text, ids in zip(batch, encode(batch)):
-            bar.update(len(text))
-            if state["done"]:
+    def add(batch: list[tuple[str, str]]) -> None:
+        for (side, _), ids in zip(batch, encode([text for _, text in batch])):
+            if full(side) or not len(ids):
                 continue
-            writer = route(text)
-            if writer is None or not len(ids):
-                continue
+            counts["tokens"] += len(ids)
+            writer = writers[side]
             writer.add(ids)
-            if writer is train and cfg.max_tokens is not None and train.num_tokens >= cfg.max_tokens:
-                train.truncate_to(cfg.max_tokens)
-                state["done"] = True
+            if full(side):
+                writer.truncate_to(caps[side])
 
     with _progress(total_bytes) as bar:
         if heldout_units is None:
-            run(train_units, lambda t: heldout if is_heldout(t, cfg.heldout_fraction) else train)
+            needed = ("train", "heldout") if cfg.heldout_fraction > 0 else ("train",)
+            read_all = run(
+                train_units, lambda t: "heldout" if is_heldout(t, cfg.heldout_fraction) else "train", needed
+            )
         else:
             # Held-out first, so training can skip any document that is also held out.
-            def route_heldout(text: str):
+            def route_heldout(text: str) -> str:
                 heldout_hashes.add(_doc_hash(text))
-                return heldout
+                return "heldout"
 
-            def route_train(text: str):
+            def route_train(text: str) -> str | None:
                 if _doc_hash(text) in heldout_hashes:
-                    state["dropped_dups"] += 1
+                    counts["dropped_dups"] += 1
                     return None
-                return train
+                return "train"
 
-            run(heldout_units, route_heldout)
-            run(train_units, route_train)
+            run(heldout_units, route_heldout, ("heldout",))
+            heldout_docs_read = counts["docs"]
+            read_all = run(train_units, route_train, ("train",))
 
-    if seen_docs == 0:
+    if counts["docs"] == 0:
         raise DataError("corpus is empty: the sources contain no text")
     train.flush()
     heldout.flush()
     return {
         "train": {"shards": train.shards, "tokens": train.num_tokens, "docs": train.num_docs},
         "heldout": {"shards": heldout.shards, "tokens": heldout.num_tokens, "docs": heldout.num_docs},
-        "dropped_duplicate_docs": state["dropped_dups"],
-        "truncated_at_max_tokens": state["done"],
+        "dropped_duplicate_docs": counts["dropped_dups"],
+        "truncated_at_max_tokens": full("train"),
+        # What was read, for true numbers in "too small" errors: documents read (all of them when
+        # `read_all`), and the tokens of the documents tokenised (all of them unless truncated).
+        "corpus": {"docs": counts["docs"], "tokens": counts["tokens"], "read_all": read_all,
+                   **({} if heldout_units is None else {"heldout_docs": heldout_docs_read})},
     }
 
 
@@ -482,6 +515,7 @@ def _build_cache(cfg: DataConfig, tokenizer) -> tuple[Path, dict]:
         "heldout_files": _stat_record(heldout_units) if heldout_units is not None else None,
         "heldout_fraction": cfg.heldout_fraction if heldout_units is None else None,
         "max_tokens": cfg.max_tokens,
+        "heldout_tokens": cfg.heldout_cap,
         "tokenizer": tok,
     }
     key = hashlib.blake2b(json.dumps(key_inputs, sort_keys=True).encode(), digest_size=16).hexdigest()
@@ -596,6 +630,24 @@ def overlap_report(train: PackedDataset, heldout: PackedDataset) -> int:
     return int(sum(h in train_hashes for h in heldout.sequence_hashes().tolist()))
 
 
+def _heldout_too_small(cfg: DataConfig, meta: dict, tokens: int) -> str:
+    """The held-out side holds less than one sequence: give the real sizes of the corpus and that side.
+
+    The held-out side is read until it has at least one sequence or the sources run out, so here
+    they ran out: the document counts are of the whole corpus, whatever ``max_tokens`` was.
+    """
+    need = f"seq_len={cfg.seq_len} needs at least {cfg.seq_len} for one sequence"
+    corpus = meta["corpus"]
+    if cfg.heldout_sources is not None:
+        return (f"corpus too small: the held-out split has {tokens} tokens (all {corpus['heldout_docs']} documents "
+                f"of the held-out sources) but {need}; add held-out text, or lower seq_len")
+    # Past the training budget only held-out documents are tokenised, so the total is then a floor.
+    size = f"{'at least ' if meta['truncated_at_max_tokens'] else ''}{corpus['tokens']} tokens"
+    return (f"corpus too small: the held-out split has {tokens} tokens ({meta['heldout']['docs']} of the corpus's "
+            f"{corpus['docs']} documents, {size} in all, at heldout_fraction={cfg.heldout_fraction}) but {need}; "
+            f"add text or raise heldout_fraction, or lower seq_len")
+
+
 def build_datasets(cfg: DataConfig, tokenizer) -> tuple[PackedDataset, PackedDataset]:
     """Tokenise (or reuse the cache) and return (train, held-out) packed datasets."""
     folder, meta = _build_cache(cfg, tokenizer)
@@ -611,12 +663,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[PackedDataset, PackedDat
         )
     wants_heldout = cfg.heldout_sources is not None or cfg.heldout_fraction > 0
     if wants_heldout and len(heldout) == 0:
-        hint = "add held-out text" if cfg.heldout_sources is not None else "add text or raise heldout_fraction"
-        raise DataError(
-            f"corpus too small: the held-out split has {heldout.num_tokens} tokens "
-            f"({meta['heldout']['docs']} documents) but seq_len={cfg.seq_len} needs at least "
-            f"{cfg.seq_len} for one sequence; {hint}, or lower seq_len"
-        )
+        raise DataError(_heldout_too_small(cfg, meta, heldout.num_tokens))
     return train, heldout
 
 
