@@ -257,6 +257,26 @@ def test_generate_equals_step_by_step_forward_with_left_padding():
         assert torch.equal(seq[0, -6:], gen[row, -6:])
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_decode_with_either_cache_name_equals_forward_without_cache(name):
+    """transformers passes the KV cache as `past_key_values` (<= 5.23) or `cache` (>= 5.24): the
+    model must read both, and return it where the installed `generate()` looks for it."""
+    from transformers.cache_utils import DynamicCache
+
+    from recursify.modeling import CACHE_FIELD
+
+    model = rf.convert(make("llama"), rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False)
+    ids = IDS[:1, :8]
+    full = model(ids, use_cache=False).logits[:, -1]
+    kv = DynamicCache()
+    out = model(ids[:, :7], **{name: kv})
+    assert getattr(out, CACHE_FIELD) is kv and kv.get_seq_length() == 7
+    step = model(ids[:, 7:], **{name: kv}).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
 def test_save_and_reload_gives_identical_logits(tmp_path):
     source = make("qwen2")
     model = rf.convert(source, rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False)

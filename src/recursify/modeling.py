@@ -30,6 +30,11 @@ Position = int | torch.Tensor
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Position, torch.Tensor | bool], torch.Tensor]
 
 
+# transformers renamed the cache argument and output field from `past_key_values` to `cache`
+# (5.24); the model accepts both names and returns the cache under the installed version's name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 REMOTE_CODE = {
     "configuration_recursify": "# Loaded via auto_map; needs `pip install recursify`.\nfrom recursify.config import RecursiveConfig  # noqa: F401\n",
     "modeling_recursify": "# Loaded via auto_map; needs `pip install recursify`.\nfrom recursify.modeling import RecursiveForCausalLM  # noqa: F401\n",
@@ -380,6 +385,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         depth: torch.LongTensor | None = None,
         output_loop_states: bool = False,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> RecursiveCausalLMOutput:
         """Causal LM forward over all unrolled positions.
@@ -388,6 +394,9 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         early-exit logits after its own `depth[i]` loops. output_loop_states: also return the
         residual stream at every loop boundary (for early-exit losses).
         """
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        past_key_values = cache if cache is not None else past_key_values
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seq, _ = h.shape
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
@@ -398,11 +407,11 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = torch.arange(past, past + seq, device=h.device).unsqueeze(0).expand(bsz, -1)
         rope = self.rope(h, position_ids)
         masks = self.build_masks(attention_mask, bsz, seq, past, h.device)
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        kv = past_key_values if use_cache or past_key_values is not None else None
 
         def attend(q, k, v, position, is_sliding):
-            if cache is not None:
-                k, v = cache.update(k, v, position)
+            if kv is not None:
+                k, v = kv.update(k, v, position)
             return self.attention_scores(q, k, v, masks[is_sliding])
 
         layout = self.layout
@@ -439,8 +448,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         return RecursiveCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
     # ------------------------------------------------------------------ accounting
