@@ -4,8 +4,9 @@
         --data corpus/python-docs/train --heldout corpus/python-docs/heldout --out runs/rec2-kd
 
 The same entry point runs as one process, under ``accelerate launch`` and under ``torchrun``
-(DDP; gloo on CPU, nccl on GPU); FSDP comes from an accelerate config (untested here: see the
-notes at ``save_checkpoint``). The flow of :func:`train`:
+(DDP; gloo on CPU, nccl on GPU); FSDP comes from an accelerate config (``fsdp_version: 2``; the
+tests run it on 2 CPU processes, but accelerate itself enables FSDP only on GPUs). The flow of
+:func:`train`:
 
 1. check every input (config values, output dir, student, teacher vocabulary, data, lengths) and
    raise :class:`TrainError` with one line *before* anything is written to ``out/``;
@@ -349,8 +350,9 @@ def save_checkpoint(out: Path, step: int, tokens: int, accelerator, model, optim
     """Write out/checkpoints/step-XXXXXXX atomically: a temp folder, fsync'd, then one rename.
 
     The model goes to safetensors (the full state dict, gathered under FSDP); the optimizer is one
-    file under DDP (identical on every rank) and one per rank under FSDP (sharded, so resume then
-    needs the same number of processes). RNG states are per rank.
+    file too, gathered under FSDP and keyed by parameter name (so resume may use another number of
+    processes; pickling the per-rank DTensor shards ties them to the process group). RNG states are
+    per rank.
     """
     root = out / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
@@ -363,9 +365,14 @@ def save_checkpoint(out: Path, step: int, tokens: int, accelerator, model, optim
     state = accelerator.get_state_dict(model)  # collective under FSDP
     rank = accelerator.process_index
     if is_fsdp:
-        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{rank}.pt")
-    elif main:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(  # collective; the full state lands on rank 0 only
+            model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        opt_state = optimizer.state_dict()
+    if main:
+        torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     if main:
         prefix = "student."
@@ -612,6 +619,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         start_step = meta["step"]
+        if meta.get("fsdp", False) != is_fsdp:  # the optimizer file is keyed differently
+            how = "with" if meta.get("fsdp") else "without"
+            raise TrainError(f"checkpoint {ckpt} was written {how} FSDP; resume it {how} FSDP too")
         missing, unexpected = student.load_state_dict(_load_model_state(ckpt / "model.safetensors"), strict=False)
         if unexpected or [k for k in missing if k not in _tied_keys(student)]:
             raise TrainError(f"checkpoint {ckpt} does not fit the student (missing {missing[:3]}, unexpected "
@@ -635,12 +645,21 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
                           chunk_elements=cfg.kd_chunk_elements)
     model, optimizer = accelerator.prepare(Distiller(student, loss_cfg), optimizer)
     if ckpt is not None:
-        opt_file = ckpt / (f"optimizer-rank{rank}.pt" if is_fsdp else "optimizer.pt")
-        optimizer.load_state_dict(torch.load(opt_file, map_location=accelerator.device, weights_only=True))
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu" if is_fsdp else accelerator.device,
+                               weights_only=True)
+        if is_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer.optimizer, opt_state,
+                                     options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
+        else:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng_file = ckpt / f"rng-rank{rank}.pt"
         _set_rng_state(torch.load(rng_file if rng_file.exists() else ckpt / "rng-rank0.pt", weights_only=True))
-    trainable_params = [p for _, p in params]
+    # Taken after prepare, all of them: FSDP swaps in sharded parameters, and accelerate clips an FSDP
+    # model only when handed exactly model.parameters() (frozen ones have no grad and count nothing).
+    clip_params = list(model.parameters())
 
     # 4. Signals: finish the step, checkpoint, return ------------------------------------------------
     stop = {"signal": None}
@@ -690,7 +709,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
                     accelerator.backward(out_["loss"] / cfg.grad_accum)
                 stats += torch.stack([out_["loss"].detach(), out_["ce"], out_["kd"]]).float() / cfg.grad_accum
                 del teacher_logits, out_
-            grad_norm = accelerator.clip_grad_norm_(trainable_params, cfg.clip if cfg.clip > 0 else float("inf"))
+            grad_norm = accelerator.clip_grad_norm_(clip_params, cfg.clip if cfg.clip > 0 else float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
