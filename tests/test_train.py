@@ -214,6 +214,35 @@ def test_training_reduces_heldout_loss_and_writes_a_checkpoint(fx, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step-0000030"]
 
 
+def test_fit_steps_to_time_by_hand():
+    from recursify.train.trainer import fit_steps_to_time
+
+    assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=100) == 8
+    assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=5) == 5
+    assert fit_steps_to_time(step=3, seconds_left=-1.0, seconds_per_step=2.0, max_steps=100) == 4  # one more, never 0
+
+
+def test_time_budget_ends_with_a_finished_model_and_a_decayed_lr(fx, tmp_path, monkeypatch):
+    """A run that cannot finish max_tokens in max_time stops by the deadline, its cosine schedule
+    re-fitted to the steps it could take (last LR at min_lr), with a final model and evaluation."""
+    import recursify.train.trainer as trainer_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock.__setitem__("t", clock["t"] + 0.5) or clock["t"])
+    out = tmp_path / "run"
+    result = train(config(fx, out, max_tokens=8 * SEQ * 1000, max_time=40.0, warmup_steps=0, eval_every=0))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "train"]
+    assert 3 < len(steps) < 1000 and result["step"] == len(steps) == result["total_steps"]
+    last_lr_factor = steps[-1]["lr"] / 1e-2
+    cfg = config(fx, out, warmup_steps=0)
+    assert last_lr_factor == pytest.approx(trainer_mod.lr_factor(len(steps) - 1, cfg, len(steps)))
+    assert last_lr_factor < 0.2  # decayed, not cut off near the peak
+    assert [r["step"] for r in recs if r["kind"] == "eval"][-1] == len(steps)
+    model, _ = rf.load_pretrained(str(out))
+    assert isinstance(model, rf.RecursiveForCausalLM)
+
+
 def test_lora_only_training_leaves_shared_weights_bitwise_unchanged(fx, tmp_path):
     out = tmp_path / "lora"
     train(config(fx, out, trainable="lora", max_tokens=8 * SEQ * 3, eval_every=-1))

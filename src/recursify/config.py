@@ -49,6 +49,7 @@ class RecursionConfig:
     variant: str = "relaxed"
     share_norms: bool = False
     seed: int = 0  # only used by init="random"
+    calibration: dict | None = None  # set by convert(calibration=...): {"tokens": N, "damp": ...}
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_rank, str) and self.lora_rank.isdigit():

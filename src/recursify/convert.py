@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from .config import Layout, RecursionConfig, RecursiveConfig
 from .families import Family, detect_family
+from .calibrate import CalibrationStats, activation_aware_factors
 from .lora import truncated_svd
 from .modeling import RecursiveForCausalLM
 
@@ -60,8 +61,23 @@ def build_config(source: PreTrainedModel, recursion: RecursionConfig) -> Recursi
 
 
 @torch.no_grad()
-def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool = True) -> RecursiveForCausalLM:
-    """Turn a Hugging Face causal LM into a (relaxed) recursive model, per `recursion`."""
+def convert(
+    source: PreTrainedModel,
+    recursion: RecursionConfig,
+    progress: bool = True,
+    calibration: CalibrationStats | None = None,
+    damp: float = 0.01,
+) -> RecursiveForCausalLM:
+    """Turn a Hugging Face causal LM into a (relaxed) recursive model, per `recursion`.
+
+    With `calibration` (see `recursify.calibrate`), the SVD-initialised LoRA fits what each
+    layer's outputs see on real text instead of the raw weight difference; the checkpoint's
+    config records how many tokens it was calibrated on.
+    """
+    if calibration is not None:
+        recursion = RecursionConfig.from_dict(
+            {**recursion.to_dict(), "calibration": {"tokens": calibration.num_tokens, "damp": damp}}
+        )
     config = build_config(source, recursion)
     family: Family = detect_family(source.config)
     if recursion.init == "random":
@@ -99,7 +115,10 @@ def convert(source: PreTrainedModel, recursion: RecursionConfig, progress: bool 
             delta[:, :m, :m] -= torch.diag_embed(d)
         if name in model.lora and recursion.lora_init == "svd":
             lora = model.lora[name]
-            B, A = truncated_svd(delta, lora.rank)
+            if calibration is not None:
+                B, A = activation_aware_factors(delta, calibration.of(name), lora.rank, damp=damp)
+            else:
+                B, A = truncated_svd(delta, lora.rank)
             lora.lora_B.copy_(B)
             lora.lora_A.copy_(A)
         elif name in model.lora:

@@ -125,6 +125,9 @@ class TrainConfig:
     resume: bool = _f(False, "Continue from the newest intact checkpoint in out/checkpoints (fresh start if none).")
     overwrite: bool = _f(False, "Delete out/ first if it exists.")
     progress: bool = _f(True, "Show a tqdm progress bar (main process).")
+    max_time: float = _f(0.0, "Wall-clock budget in seconds for the training steps (0: none). The run ends by then with "
+                              "a finished model: after a few steps the step count is re-fitted to the measured step "
+                              "time (never above max_tokens' steps), so the LR schedule decays by the deadline.")
     kd_chunk_elements: int = _f(1 << 26, "Logit elements (rows x vocab) per loss chunk: lower it to save memory.")
 
     def to_dict(self) -> dict:
@@ -166,6 +169,7 @@ class TrainConfig:
              f"unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         need(self.eval_tokens >= 1, f"eval_tokens must be positive, got {self.eval_tokens}")
         need(self.save_every >= -1, f"save_every must be >= -1, got {self.save_every}")
+        need(self.max_time >= 0, f"max_time must be >= 0 seconds, got {self.max_time}")
         need(self.kd_chunk_elements >= 1, f"kd_chunk_elements must be positive, got {self.kd_chunk_elements}")
         need(self.alpha == 0 or self.teacher is not None, f"alpha={self.alpha} needs a teacher; pass --teacher or --alpha 0")
         need(not (self.resume and self.overwrite), "pass only one of resume and overwrite")
@@ -184,6 +188,13 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------
 # Small pieces the loop uses
 # ------------------------------------------------------------------------------------------------
+
+
+def fit_steps_to_time(step: int, seconds_left: float, seconds_per_step: float, max_steps: int) -> int:
+    """The step count that ends a time-budgeted run by its deadline: at least one more step, at
+    most `max_steps`. Evaluation time is already inside `seconds_per_step` (it is wall time)."""
+    more = int(max(0.0, seconds_left) / max(seconds_per_step, 1e-9))
+    return max(step + 1, min(max_steps, step + more))
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -581,7 +592,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         teacher.requires_grad_(False).eval().to(accelerator.device)
     data_cfg = DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction,
                           seed=cfg.seed, cache_dir=cfg.cache_dir, max_tokens=cfg.max_tokens,
-                          heldout_sources=cfg.heldout)
+                          heldout_sources=cfg.heldout, heldout_tokens=cfg.eval_tokens)
     try:
         with accelerator.main_process_first():  # tokenise once; the other ranks reuse the cache
             train_ds, heldout_ds = build_datasets(data_cfg, tokenizer)
@@ -640,7 +651,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     student.train()
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=use_cuda or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+    # `plan` holds the step count; with max_time it is re-fitted to the measured speed (see below).
+    plan = {"total": total_steps}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
     loss_cfg = LossConfig(alpha=cfg.alpha, temperature=cfg.temperature, exit_schedule=cfg.exit_schedule,
                           chunk_elements=cfg.kd_chunk_elements)
     model, optimizer = accelerator.prepare(Distiller(student, loss_cfg), optimizer)
@@ -691,10 +704,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
 
         # 5. The loop ---------------------------------------------------------------------------
         data = iter(())
-        if start_step < total_steps:
+        if start_step < plan["total"]:
             data = batches(train_ds, cfg.batch_size, cfg.seed, start_step=start_step, rank=rank, world_size=world)
         step, t_start, run_tokens, eval_s = start_step, time.perf_counter(), 0, 0.0
-        while step < total_steps:
+        while step < plan["total"]:
             t0 = time.perf_counter()
             batch = next(data)["input_ids"].to(accelerator.device)
             stats = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
@@ -726,12 +739,19 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             bar.update(1)
             train_s = time.perf_counter() - t_start - eval_s
             bar.set_postfix(loss=f"{loss:.4f}", kd=f"{kd:.4f}", tok_s=f"{run_tokens / train_s:.0f}")
+            if cfg.max_time > 0 and (step - start_step) % 3 == 0:
+                fitted = fit_steps_to_time(step, cfg.max_time - (time.perf_counter() - t_start),
+                                           (time.perf_counter() - t_start) / (step - start_step), total_steps)
+                if world > 1:  # every rank must run the same number of steps
+                    fitted = int(accelerator.reduce(torch.tensor([fitted], device=accelerator.device), "min").item())
+                plan["total"] = fitted
+                bar.total = fitted
             if not math.isfinite(loss):
                 raise TrainError(f"loss became {loss} at step {step}; lower the learning rate")
             if on_step is not None:
                 on_step(record)
 
-            if cfg.eval_every > 0 and step % cfg.eval_every == 0 or (cfg.eval_every >= 0 and step == total_steps):
+            if cfg.eval_every > 0 and step % cfg.eval_every == 0 or (cfg.eval_every >= 0 and step == plan["total"]):
                 t_eval = time.perf_counter()
                 last_eval = evaluate(model, heldout_ds, cfg, accelerator, micro)
                 eval_s += time.perf_counter() - t_eval
@@ -742,7 +762,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             if world > 1:  # every rank must stop at the same step
                 signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), "sum").item())
             periodic = cfg.save_every > 0 and step % cfg.save_every == 0
-            if periodic or (step == total_steps and cfg.save_every >= 0) or signum:
+            if periodic or (step == plan["total"] and cfg.save_every >= 0) or signum:
                 path = save_checkpoint(out, step, step * tokens_per_step, accelerator, model, optimizer, scheduler,
                                        cfg.keep_last, is_fsdp)
                 log(f"saved {path}")
@@ -754,7 +774,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
                 break
 
         # 6. Final model --------------------------------------------------------------------------
-        result.update(step=step, tokens=step * tokens_per_step)
+        result.update(step=step, tokens=step * tokens_per_step, total_steps=plan["total"])
         if step > start_step:
             result.update(loss=loss, ce=ce, kd=kd, tokens_per_s=run_tokens / train_s)
         if last_eval:

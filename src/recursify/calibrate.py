@@ -1,0 +1,227 @@
+"""Activation statistics of the source model, and the closed forms that use them.
+
+A plain conversion fits each position's LoRA to the weight difference Delta_l = W_l - W_shared
+in the Frobenius norm, as if every input direction mattered equally. Real inputs do not: a few
+directions carry most of the energy. With C_l = X_l^T X_l accumulated over real text, the rank-r
+correction that minimises the error the layer's *outputs* see, ||(Delta_l - B A) X_l^T||, has a
+closed form (the idea behind SVD-LLM's whitening and EoRA's eigenspace projection): B = the top-r
+eigenvectors U_r of Delta_l C_l Delta_l^T, A = U_r^T Delta_l. That is what makes a conversion
+nearly right before any training.
+
+Statistics are gathered once per (model, tokens) and cached on disk: per unrolled position and per
+distinct linear input (q/k/v read the same tensor, so do gate/up), X^T X in float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .families import Family, detect_family
+
+
+class CalibrationError(ValueError):
+    """Calibration input that cannot give usable statistics; one line meant for the user."""
+
+
+@dataclass
+class CalibrationStats:
+    """Per-position input covariances of the source model's linears.
+
+    `cov[group]` is [L, d_in, d_in] float64, the mean of x x^T over `num_tokens` tokens;
+    `input_of[linear]` names the group whose input that linear reads.
+    """
+
+    num_tokens: int
+    input_of: dict[str, str]
+    cov: dict[str, torch.Tensor]
+
+    def of(self, linear: str) -> torch.Tensor:
+        return self.cov[self.input_of[linear]]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        meta = {"num_tokens": str(self.num_tokens), "input_of": json.dumps(self.input_of)}
+        save_file({k: v.contiguous() for k, v in self.cov.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        return cls(int(meta["num_tokens"]), json.loads(meta["input_of"]), load_file(str(path)))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _layers(source, family: Family):
+    return list(source.get_submodule(family.layers))
+
+
+@torch.no_grad()
+def linear_input_groups(source, family: Family | None = None) -> dict[str, str]:
+    """Which linears of a decoder layer read the very same input tensor (found by running the
+    model once on a short input, so no family needs to spell it out)."""
+    family = family or detect_family(source.config)
+    layer = _layers(source, family)[0]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.get_submodule(path).register_forward_pre_hook(lambda m, args, n=name: seen.setdefault(n, args[0]))
+        for name, path in family.linears.items()
+    ]
+    try:
+        device = source.get_input_embeddings().weight.device
+        source(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[str, str] = {}
+    for name in family.linears:
+        groups[name] = next((g for g in dict.fromkeys(groups.values()) if seen[g] is seen[name]), name)
+    return groups
+
+
+@torch.no_grad()
+def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+    """X^T X / N of every linear's input at every layer of `source`, over `sequences` [n, T].
+
+    Each batch's products are formed in float32 (the fast path on CPU) and summed in float64.
+    The LM head is never run: the forward stops at the final norm.
+    """
+    family = detect_family(source.config)
+    groups = linear_input_groups(source, family)
+    layers = _layers(source, family)
+    device = source.get_input_embeddings().weight.device
+    vocab = source.get_input_embeddings().weight.shape[0]
+    if sequences.numel() == 0:
+        raise CalibrationError("no calibration tokens")
+    if int(sequences.max()) >= vocab or int(sequences.min()) < 0:
+        raise CalibrationError(
+            f"calibration token ids reach {int(sequences.max())} but the model's vocabulary has {vocab} entries: "
+            "the text was tokenised with another tokenizer"
+        )
+    acc: dict[str, list[torch.Tensor | None]] = {g: [None] * len(layers) for g in dict.fromkeys(groups.values())}
+
+    def record(group: str, index: int):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            xtx = (x.T @ x).double()
+            slot = acc[group]
+            slot[index] = xtx if slot[index] is None else slot[index].add_(xtx)
+
+        return hook
+
+    def stop(*_):
+        raise _StopForward
+
+    hooks = [
+        layer.get_submodule(family.linears[g]).register_forward_pre_hook(record(g, i))
+        for i, layer in enumerate(layers)
+        for g in acc
+    ]
+    hooks.append(source.get_submodule(family.final_norm).register_forward_hook(stop))
+    n_tokens = 0
+    try:
+        for start in tqdm(range(0, len(sequences), batch_size), desc="calibrating", disable=not progress, leave=False):
+            batch = sequences[start : start + batch_size].to(device)
+            try:
+                source(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            n_tokens += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    cov = {g: torch.stack([c.cpu() for c in mats]) / n_tokens for g, mats in acc.items()}
+    d_min = min(c.shape[-1] for c in cov.values())
+    if n_tokens < d_min:
+        warnings.warn(
+            f"{n_tokens} calibration tokens are fewer than the {d_min} input features of the narrowest linear: "
+            "the covariances are singular and are regularised (damping); pass more text for a better conversion",
+            stacklevel=2,
+        )
+    return CalibrationStats(n_tokens, groups, cov)
+
+
+def fingerprint(source, sequences: torch.Tensor) -> str:
+    """A cache key for (model weights, tokens): config + embedding + one layer's bytes + token ids."""
+    family = detect_family(source.config)
+    h = hashlib.sha256()
+    h.update(json.dumps(source.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(source.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
+    for p in _layers(source, family)[-1].parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    h.update(sequences.cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_stats(source, sequences: torch.Tensor, cache_dir: str | Path | None, progress: bool = True) -> CalibrationStats:
+    """`collect_stats`, reusing a previous result for the same model and tokens."""
+    if cache_dir is None:
+        return collect_stats(source, sequences, progress=progress)
+    path = Path(cache_dir) / f"{fingerprint(source, sequences)}.safetensors"
+    if path.exists():
+        try:
+            return CalibrationStats.load(path)
+        except Exception as e:  # a truncated or foreign file: recompute
+            warnings.warn(f"ignoring unreadable calibration cache {path}: {e}", stacklevel=2)
+    stats = collect_stats(source, sequences, progress=progress)
+    stats.save(path)
+    return stats
+
+
+@torch.no_grad()
+def activation_aware_factors(
+    delta: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (B [n, out, r], A [n, r, in]) minimising ||(Delta - B A) C^{1/2}||_F per matrix.
+
+    The optimum is B A = U_r U_r^T Delta with U_r the top-r left singular vectors of Delta C^{1/2}:
+    from the eigenvectors of Delta C Delta^T when out <= in, else from the smaller in x in Gram
+    of Delta C^{1/2}. `damp` adds damp * mean(diag C) to C's diagonal (as GPTQ does), so that
+    directions the calibration text never excited fall back to the plain weight fit. Factors
+    follow `truncated_svd`'s convention (rows of A of unit norm), so with C = I they are the plain
+    SVD factors; at full rank B A = Delta exactly whatever C is.
+    """
+    n, out_f, in_f = delta.shape
+    D = delta.double()
+    C = cov.to(D)
+    if damp:
+        mean_diag = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+        C = C + damp * mean_diag.view(n, 1, 1) * torch.eye(in_f, dtype=C.dtype, device=C.device)
+    if out_f <= in_f:
+        _, U = torch.linalg.eigh(D @ C @ D.transpose(1, 2))
+        U = U.flip(-1)[..., :rank]
+    else:
+        w, Q = torch.linalg.eigh(C)
+        root = (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(1, 2)  # C^{1/2}
+        M = D @ root
+        s2, V = torch.linalg.eigh(M.transpose(1, 2) @ M)
+        V, s = V.flip(-1)[..., :rank], s2.flip(-1)[..., :rank].clamp(min=0).sqrt()
+        keep = s > s.amax(-1, keepdim=True).clamp(min=1e-300) * 1e-10
+        U = (M @ V) * torch.where(keep, 1.0 / s.clamp(min=1e-300), torch.zeros_like(s)).unsqueeze(-2)
+    A = U.transpose(1, 2) @ D  # [n, r, in]
+    norms = A.norm(dim=-1)  # [n, r]
+    scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+    B = U * norms.unsqueeze(-2)
+    A = A / scale.unsqueeze(-1)
+    return B.to(delta.dtype).contiguous(), A.to(delta.dtype).contiguous()
+
+
+def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """||(Delta - B A) C^{1/2}||_F^2 per matrix = trace(E C E^T): the squared output error per token."""
+    E = (delta - B @ A).double()
+    return torch.einsum("noi,nij,noj->n", E, cov.double(), E)
