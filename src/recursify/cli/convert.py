@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import CLIError, app, atomic_output_dir, console, dir_size, human_bytes, out
+from .app import CLIError, app, atomic_output_dir, console, dir_size, human_bytes, out, split_list
 
 
 def source_breakdown(model) -> dict[str, int]:
@@ -39,9 +39,15 @@ def convert(
     share_norms: bool = typer.Option(False, "--share-norms", help="Tie norms (and biases) per shared slot instead of per position."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated LoRA targets (default: every linear: q,k,v,o,gate,up,down)."),
     seed: int = typer.Option(0, help="Seed for init=random."),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="Text (files/folders/.jsonl, comma-separated) to calibrate the LoRA init on: each position's LoRA then fits what the layer's outputs see on real inputs instead of the raw weight difference. Far better before any training; statistics are cached."),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --calibrate text to gather statistics on."),
+    damp: float = typer.Option(0.01, help="With --calibrate: ridge added to each input covariance, as a fraction of its mean diagonal."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
-    """Convert a pretrained causal LM into a (Relaxed) Recursive Transformer checkpoint."""
+    """Convert a pretrained causal LM into a (Relaxed) Recursive Transformer checkpoint.
+
+    Example: recursify convert smollm2-135m --loops 2 --lora-rank 64 --calibrate corpus/python-docs/train --out runs/rec2c
+    """
     import recursify as rf
 
     t0 = time.time()
@@ -65,8 +71,15 @@ def convert(
         teacher, tokenizer = rf.load_pretrained(model)
     t_load = time.time() - t0
     before = source_breakdown(teacher)
+    stats = None
+    if calibrate:
+        from ..calibrate import calibrate as gather
+
+        if damp < 0:
+            raise CLIError(f"--damp must be >= 0, got {damp}")
+        stats = gather(teacher, tokenizer, split_list(calibrate), num_tokens=calib_tokens)
     t1 = time.time()
-    student = rf.convert(teacher, recursion, progress=True)
+    student = rf.convert(teacher, recursion, progress=True, calibration=stats, damp=damp)
     t_convert = time.time() - t1
     with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):
         student.save_pretrained(tmp)

@@ -1,0 +1,51 @@
+"""`recursify compress`: the one command a newcomer needs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import CLIError, app, console, out, split_list
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument("smollm2-135m", help="Source model: a bundled name, a Hugging Face folder or a .gguf file."),
+    data: str = typer.Option(..., "--data", help="Training text (files/folders/.jsonl, comma-separated); its documents also calibrate the conversion."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (with summary.md and summary.json)."),
+    heldout: Optional[str] = typer.Option(None, help="Held-out text for the evaluation (default: 5% of --data's documents, never trained on)."),
+    loops: int = typer.Option(2, "--loops", "-B", help="Number of loops; K = L / loops unique layers."),
+    strategy: str = typer.Option("cycle", help="cycle, sequence, middle_cycle or middle_sequence."),
+    init: str = typer.Option("average", help="Shared-weight init: stepwise, average, lower."),
+    lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank (an integer or 'full')."),
+    time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate of the distillation."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Distillation tokens at most (default: what the budget allows)."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for perplexity and agreement."),
+    overwrite: bool = typer.Option(False, help="Replace --out and discard an interrupted run."),
+):
+    """Calibrate, convert, distil and evaluate in one go, within a time budget.
+
+    Writes an ordinary recursify checkpoint plus a summary (parameters, held-out perplexity of
+    teacher / converted / compressed model, top-1 agreement, generations side by side). Killed
+    half-way? Run the same command again: it resumes. Example:
+
+      recursify compress smollm2-135m --data corpus/python-docs/train --time-budget 60m --out runs/rec2-small
+    """
+    from ..compress import CompressConfig, CompressError, parse_duration
+    from ..compress import compress as run
+
+    try:
+        cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
+                             loops=loops, strategy=strategy, init=init, lora_rank=lora_rank,
+                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, seq_len=seq_len,
+                             batch_size=batch_size, lr=lr, max_tokens=max_tokens, eval_tokens=eval_tokens,
+                             overwrite=overwrite)
+        summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False))
+    except CompressError as e:
+        raise CLIError(str(e)) from e
+    out.print(f"wrote {out_dir} ({summary['ppl']['student']:.2f} held-out ppl, teacher {summary['ppl']['teacher']:.2f})")

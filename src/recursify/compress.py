@@ -1,0 +1,294 @@
+"""`recursify compress`: the one-command recipe, from a pretrained model to a usable smaller one.
+
+calibrate -> convert (activation-aware LoRA init) -> distil within the time budget -> evaluate ->
+an ordinary recursify checkpoint with `summary.md` / `summary.json` beside the weights. Every stage
+is the library's own code (the trainer is the trainer); this module only sequences them, keeps the
+clock, and resumes: its work folder `.<out>.work/` survives a kill and is removed on success.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n   ", "The most important thing about a list is")
+
+
+class CompressError(ValueError):
+    """A compress request that cannot give a model; one line meant for the user."""
+
+
+@dataclass
+class CompressConfig:
+    model: str = "smollm2-135m"
+    out: str = "runs/compressed"
+    data: list[str] = field(default_factory=lambda: ["corpus/python-docs/train"])
+    heldout: list[str] | None = None  # default: a held-out fraction of `data`'s documents
+    loops: int = 2
+    strategy: str = "cycle"
+    init: str = "average"
+    lora_rank: int | str = 64
+    time_budget: float = 3600.0  # seconds, everything included
+    calib_tokens: int = 16_384
+    damp: float = 0.01
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 3e-4
+    max_tokens: int | None = None  # training tokens at most (default: what the budget can use)
+    eval_tokens: int = 4096
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.time_budget <= 0:
+            raise CompressError(f"--time-budget must be positive, got {self.time_budget}")
+        for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise CompressError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.eval_tokens < 2 * self.seq_len:
+            raise CompressError(f"--eval-tokens={self.eval_tokens} must cover two sequences of {self.seq_len}")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '1.5h' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise CompressError(f"cannot read the duration {text!r}; use e.g. 90s, 45m, 1.5h") from None
+
+
+class Clock:
+    """Budget bookkeeping that survives a resume: seconds spent by earlier attempts are kept in
+    the work folder's state file."""
+
+    def __init__(self, budget: float, spent_before: float = 0.0):
+        self.budget, self.before, self.t0 = budget, spent_before, time.monotonic()
+
+    @property
+    def spent(self) -> float:
+        return self.before + time.monotonic() - self.t0
+
+    @property
+    def left(self) -> float:
+        return self.budget - self.spent
+
+
+def _identity(config: dict) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    return {k: v for k, v in config.items() if k != "overwrite"}
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the recipe; returns the summary written to `out/summary.json`.
+
+    A bad request fails with CompressError and leaves nothing behind (a resumable work folder
+    from an earlier attempt is kept); an interruption keeps the work folder for the next call.
+    """
+    out = Path(cfg.out)
+    work = out.parent / f".{out.name}.work"
+    fresh = not (work / "state.json").exists() or cfg.overwrite
+    try:
+        return _compress(cfg, out, work, log)
+    except CompressError:
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
+    import recursify as rf
+
+    from .calibrate import calibration_sequences, cached_stats
+    from .eval.metrics import perplexity, teacher_agreement
+    from .hub import atomic_dir, cache_root, load_pretrained
+    from .train.data import DataConfig, DataError, build_datasets
+    from .train.trainer import TrainConfig, TrainError, train
+
+    cfg.validate()
+    try:  # the layout and the model's family, before anything is loaded or written
+        recursion = rf.RecursionConfig(num_loops=cfg.loops, strategy=cfg.strategy, init=cfg.init,
+                                       lora_rank=cfg.lora_rank)
+        source_config = rf.hub.load_config(cfg.model)
+        family = rf.families.detect_family(source_config)
+        rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
+    except ValueError as e:
+        raise CompressError(str(e)) from e
+    if out.exists() and not cfg.overwrite:
+        raise CompressError(f"{out} already exists; pass --overwrite to replace it")
+    if cfg.overwrite and work.exists():
+        shutil.rmtree(work)
+    state_file = work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state and _identity(state.get("config", {})) != _identity(asdict(cfg)):
+        raise CompressError(f"{work} holds an interrupted run with other settings; pass --overwrite to start afresh")
+    clock = Clock(cfg.time_budget, state.get("spent", 0.0))
+    resumed = bool(state)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def save_state(**kw):
+        state.update(kw, config=_identity(asdict(cfg)), spent=clock.spent)
+        state_file.write_text(json.dumps(state, indent=1))
+
+    def stage(i: int, text: str):
+        log(f"[{i}/5] {text}  ({_fmt_s(clock.spent)} of {_fmt_s(clock.budget)} spent)")
+
+    save_state()
+    if resumed:
+        log(f"resuming the interrupted run in {work}")
+
+    # 1. teacher, data -----------------------------------------------------------------------------
+    stage(1, f"loading {cfg.model} and the data")
+    teacher, tok = load_pretrained(cfg.model)
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "config.json").exists():  # the trainer reloads it fast from here
+        with atomic_dir(teacher_dir) as tmp:
+            teacher.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    try:
+        _, heldout = build_datasets(DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_sources=cfg.heldout,
+                                               max_tokens=cfg.calib_tokens, heldout_tokens=cfg.eval_tokens), tok)
+    except DataError as e:
+        raise CompressError(str(e)) from e
+    n_eval = min(heldout.num_tokens, cfg.eval_tokens) // cfg.seq_len * cfg.seq_len
+    if n_eval < 2 * cfg.seq_len:
+        raise CompressError(f"the held-out text has {heldout.num_tokens} tokens; evaluation needs {2 * cfg.seq_len}")
+    stream = torch.as_tensor(heldout.read_tokens(0, n_eval).astype("int64"))
+    eval_seqs = stream.view(-1, cfg.seq_len)
+
+    # 2-3. calibrate, convert ----------------------------------------------------------------------
+    converted = work / "converted"
+    if not (converted / "config.json").exists():
+        stage(2, f"calibrating on {cfg.calib_tokens} tokens")
+        seqs = calibration_sequences(cfg.data, tok, cfg.calib_tokens, cfg.seq_len)
+        t0 = time.monotonic()
+        stats = cached_stats(teacher, seqs, cache_root() / "calibration")
+        stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated")
+        student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp)
+        with atomic_dir(converted) as tmp:
+            student.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        save_state(calib_seconds=time.monotonic() - t0)
+    else:
+        student, _ = load_pretrained(str(converted))
+    if "before" not in state:
+        t0 = time.monotonic()
+        before = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
+        teacher_ppl = perplexity(teacher, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
+        fwd_tok_s = 2 * len(stream) / max(time.monotonic() - t0, 1e-6)
+        save_state(before=before, teacher_ppl=teacher_ppl, fwd_tok_s=fwd_tok_s)
+        log(f"      held-out perplexity: teacher {teacher_ppl:.2f}, converted (no training) {before:.4g}")
+    del student
+
+    # 4. distil -----------------------------------------------------------------------------------
+    fwd = state["fwd_tok_s"]
+    reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
+    step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
+    train_time = clock.left - reserve
+    kd_dir = work / "kd"
+    if not (kd_dir / "final_metrics.json").exists():
+        if train_time < step_s:
+            raise CompressError(
+                f"the time budget leaves {max(0, train_time):.0f} s for training, less than one step "
+                f"(about {step_s:.0f} s here); raise --time-budget")
+        if "max_tokens" not in state:
+            save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
+                                                          int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
+        stage(4, f"distilling from the teacher for up to {_fmt_s(train_time)}")
+        steps_guess = max(1, int(train_time / step_s))
+        try:
+            result = train(TrainConfig(
+                student=str(converted), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
+                out=str(kd_dir), max_tokens=state["max_tokens"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
+                eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
+                max_time=train_time, resume=kd_dir.exists()))
+        except TrainError as e:
+            raise CompressError(str(e)) from e
+        if result.get("interrupted"):
+            save_state()
+            raise KeyboardInterrupt
+        save_state(train_tokens=result["tokens"], train_steps=result["step"],
+                   train_tok_s=result.get("tokens_per_s"))
+
+    # 5. evaluate, write ----------------------------------------------------------------------------
+    stage(5, "evaluating and writing the checkpoint")
+    student, _ = load_pretrained(str(kd_dir))
+    after = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
+    agree = teacher_agreement(student, teacher, eval_seqs)
+    device = next(student.parameters()).device
+    gens = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        pair = {"prompt": prompt}
+        for name, m in (("teacher", teacher), ("student", student)):
+            seq = m.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+            pair[name] = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True)
+        gens.append(pair)
+    params_teacher = sum(p.numel() for p in teacher.parameters())
+    params_student = student.parameter_breakdown()["total"]
+    summary = {
+        "model": cfg.model, "config": asdict(cfg), "recursion": student.recursion.to_dict(),
+        "params": {"teacher": params_teacher, "student": params_student,
+                   "fraction": params_student / params_teacher},
+        "heldout_tokens": len(stream),
+        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "student": after},
+        "top1_agreement": agree["top1_agreement"], "kl": agree["kl"],
+        "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
+        "seconds": clock.spent, "generations": gens,
+    }
+    with atomic_dir(out) as tmp:
+        for f in kd_dir.iterdir():
+            if f.is_file() and f.name not in ("train_config.json",):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        (tmp / "summary.md").write_text(render_summary(summary))
+    shutil.rmtree(work, ignore_errors=True)
+    log(render_summary(summary))
+    return summary
+
+
+def render_summary(s: dict) -> str:
+    """The summary table; every sentence is computed from the numbers in `s`."""
+    p, ppl = s["params"], s["ppl"]
+    ratio = ppl["student"] / ppl["teacher"]
+    gain = ppl["converted"] / ppl["student"]
+    lines = [
+        f"# {s['model']} compressed by recursify",
+        "",
+        f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), LoRA rank {s['recursion']['lora_rank']}, "
+        f"calibrated on {s['recursion'].get('calibration', {}).get('tokens', 0)} tokens, "
+        f"{s['train_tokens'] or 0} distillation tokens, {_fmt_s(s['seconds'])} in all.",
+        "",
+        "| model | params | held-out ppl |",
+        "|---|---:|---:|",
+        f"| teacher | {p['teacher'] / 1e6:.1f}M | {ppl['teacher']:.2f} |",
+        f"| converted, before training | {p['student'] / 1e6:.1f}M | {ppl['converted']:.4g} |",
+        f"| compressed | {p['student'] / 1e6:.1f}M ({p['fraction']:.0%}) | {ppl['student']:.2f} |",
+        "",
+        f"Top-1 agreement with the teacher: {s['top1_agreement']:.3f} (KL {s['kl']:.3f} nats/token) on "
+        f"{s['heldout_tokens']} held-out tokens. The compressed model's perplexity is {ratio:.2f}x the teacher's; "
+        f"training lowered it {gain:.3g}-fold from the converted model's.",
+        "",
+        "| prompt | teacher | compressed |",
+        "|---|---|---|",
+    ]
+    esc = lambda t: t.replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
+    lines += [f"| {esc(g['prompt'])} | {esc(g['teacher'])} | {esc(g['student'])} |" for g in s["generations"]]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CompressConfig", "CompressError", "compress", "parse_duration", "render_summary"]

@@ -1,0 +1,99 @@
+"""`recursify compress` end to end on a tiny model: the recipe, its summary, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from test_train import word_tokenizer, write_corpus
+from tiny_models import make
+
+import recursify as rf
+from recursify.compress import CompressConfig, CompressError, compress, parse_duration
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compress")
+    make("llama").save_pretrained(root / "teacher")
+    word_tokenizer().save_pretrained(root / "teacher")
+    write_corpus(root / "data.jsonl", docs=400)
+    return root
+
+
+def cfg(root, out, **kw) -> CompressConfig:
+    base = dict(model=str(root / "teacher"), out=str(out), data=[str(root / "data.jsonl")], loops=2, lora_rank=4,
+                time_budget=60.0, calib_tokens=256, seq_len=16, batch_size=8, lr=1e-2, eval_tokens=256)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def test_compress_writes_a_checkpoint_and_a_summary_from_its_numbers(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "small"
+    summary = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 40), log=lambda s: None)
+    assert summary["seconds"] < 60.0 and summary["train_tokens"] <= 8 * 16 * 40
+    assert summary["train_steps"] >= 1 and summary["ppl"]["student"] < summary["ppl"]["converted"]
+    assert json.loads((out / "summary.json").read_text())["ppl"] == summary["ppl"]
+    md = (out / "summary.md").read_text()
+    assert f"{summary['ppl']['student']:.2f}" in md and f"{summary['top1_agreement']:.3f}" in md
+    model, _ = rf.load_pretrained(str(out))
+    assert isinstance(model, rf.RecursiveForCausalLM)
+    assert model.recursion.calibration["tokens"] == 256 and model.recursion.lora_rank == 4
+    assert not (tmp_path / ".small.work").exists()
+    assert list((tmp_path / "cache" / "calibration").glob("*.safetensors"))  # statistics kept for the next run
+    with pytest.raises(CompressError, match="already exists"):
+        compress(cfg(teacher_dir, out), log=lambda s: None)
+
+
+def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "never"
+    with pytest.raises(CompressError, match="raise --time-budget"):
+        compress(cfg(teacher_dir, out, time_budget=0.5), log=lambda s: None)
+    assert not out.exists() and not (tmp_path / ".never.work").exists()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(time_budget=0), "time-budget"),
+    (dict(eval_tokens=8), "eval-tokens"),
+    (dict(loops=4), "does not divide"),
+])
+def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        compress(cfg(teacher_dir, tmp_path / "bad", **kw), log=lambda s: None)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
+
+
+def test_parse_duration():
+    assert [parse_duration(t) for t in ("90", "90s", "1.5m", "2h")] == [90, 90, 90, 7200]
+    with pytest.raises(CompressError):
+        parse_duration("soon")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monkeypatch):
+    """SIGINT during distillation keeps the work folder; the same call again resumes from the
+    trainer's checkpoint instead of starting over, and finishes."""
+    import recursify.train.trainer as trainer_mod
+
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    real_train = trainer_mod.train
+
+    def interrupted(config, on_step=None):
+        return real_train(config, on_step=lambda rec: rec["step"] == 3 and signal.raise_signal(signal.SIGINT))
+
+    monkeypatch.setattr(trainer_mod, "train", interrupted)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12), log=lambda s: None)
+    work = tmp_path / ".resumed.work"
+    assert (work / "state.json").exists() and not out.exists()
+    assert [p.name for p in (work / "kd" / "checkpoints").iterdir()] == ["step-0000003"]
+
+    monkeypatch.setattr(trainer_mod, "train", real_train)
+    lines = []
+    summary = compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12), log=lines.append)
+    assert any("resuming" in line for line in lines)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps[:3] == [1, 2, 3] and steps == sorted(set(steps)) and summary["train_steps"] == steps[-1] > 3
