@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -15,15 +16,16 @@ from tiny_models import byte_tokenizer, save_tiny
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 
-def run(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "recursify", *args], capture_output=True, text=True, timeout=timeout)
+def run(*args, timeout=240, env=None):
+    return subprocess.run([sys.executable, "-m", "recursify", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def run_code(code, *args, timeout=240, **kwargs):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-COMMANDS = {"convert", "generate", "info", "eval", "train", "plot", "serve", "bench-serve", "report"}
+COMMANDS = {"compress", "convert", "generate", "info", "eval", "train", "plot", "serve", "bench-serve", "report"}
 
 # The CLI as `recursify` runs it, with lm-eval (the `eval` extra) made unimportable.
 WITHOUT_LM_EVAL = "import sys; sys.modules['lm_eval'] = None; from recursify.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -64,6 +66,24 @@ def test_convert_then_generate(tiny, tmp_path):
     assert "teacher: tiny-llama" in res.stdout and "model: rec" in res.stdout
     res = run("info", str(out))
     assert res.returncode == 0 and "slot of position" in res.stdout
+
+
+def test_convert_calibrate_records_it_and_refuses_too_little_text(tiny, tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(40):
+        (text / f"doc{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(30)))
+    env = {**os.environ, "RECURSIFY_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "cal"
+    res = run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(text), "--calib-tokens", "512",
+              "--out", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    recursion = json.loads((out / "config.json").read_text())["recursion"]
+    assert recursion["calibration"] == {"tokens": 512, "damp": 0.01}
+    (tmp_path / "tiny.txt").write_text("too short")
+    assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(tmp_path / "tiny.txt"),
+                           "--out", str(tmp_path / "o2"), env=env), "calibration data")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_missing_path(tmp_path):
