@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import recursify as rf
-from recursify.calibrate import calibrate
+from recursify.calibrate import calibrate, calibration_sequences
+from recursify.sequential import sequential_calibrate
 from recursify.eval.metrics import perplexity
 from recursify.train.data import DataConfig, build_datasets
 
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="64,256")
     ap.add_argument("--inits", default="average,stepwise")
     ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/calibrate.json")
@@ -51,23 +53,29 @@ def main(argv=None) -> int:
         for rank in args.ranks.split(","):
             cfg = rf.RecursionConfig(num_loops=args.loops, init=init, lora_rank=rank)
             row = {"init": init, "rank": cfg.lora_rank}
-            for name, kw in (("plain", {}), ("calibrated", {"calibration": stats})):
+            for name, kw in (("plain", {}), ("calibrated", {"calibration": stats}), ("sequential", {"calibration": stats})):
                 t0 = time.perf_counter()
                 model = rf.convert(teacher, cfg, progress=False, **kw)
+                if name == "sequential":
+                    seqs = calibration_sequences([args.data], tok, args.seq_tokens, args.seq_len)
+                    sequential_calibrate(model, teacher, seqs)
                 row[f"{name}_convert_s"] = time.perf_counter() - t0
                 row[f"{name}_ppl"] = ppl(model)
                 row["params"] = model.parameter_breakdown()["total"]
             row["ratio"] = row["plain_ppl"] / row["calibrated_ppl"]
+            row["ratio_sequential"] = row["plain_ppl"] / row["sequential_ppl"]
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\nteacher held-out ppl {rows[0]['ppl']:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s "
           f"(0 s when cached)\n")
-    print(f"| init | rank | params | plain ppl | calibrated ppl | plain / calibrated | calibrated convert s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| init | rank | params | plain ppl | calibrated ppl | + sequential ppl | plain / calibrated | "
+          "plain / sequential | convert s (calibrated / sequential) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         print(f"| {r['init']} | {r['rank']} | {r['params'] / 1e6:.1f}M | {r['plain_ppl']:.3g} | "
-              f"{r['calibrated_ppl']:.3g} | {r['ratio']:.3g} | {r['calibrated_convert_s']:.1f} |")
+              f"{r['calibrated_ppl']:.3g} | {r['sequential_ppl']:.3g} | {r['ratio']:.3g} | {r['ratio_sequential']:.3g} | "
+              f"{r['calibrated_convert_s']:.0f} / {r['sequential_convert_s']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "calibration_seconds": calib_s,
                                           "calibration_tokens": stats.num_tokens, "rows": rows}, indent=1))

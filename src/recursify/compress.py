@@ -37,6 +37,7 @@ class CompressConfig:
     time_budget: float = 3600.0  # seconds, everything included
     calib_tokens: int = 16_384
     damp: float = 0.01
+    sequential: bool = False  # refit the LoRA position by position on the student's own inputs
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 3e-4
@@ -178,6 +179,10 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
         stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated")
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp)
+        if cfg.sequential:
+            from .sequential import sequential_calibrate
+
+            sequential_calibrate(student, teacher, seqs[: max(1, 8192 // cfg.seq_len)], damp=cfg.damp)
         with atomic_dir(converted) as tmp:
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)

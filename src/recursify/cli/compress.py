@@ -21,6 +21,7 @@ def compress(
     lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank (an integer or 'full')."),
     time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
+    sequential: bool = typer.Option(False, "--sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(3e-4, help="Peak learning rate of the distillation."),
@@ -42,7 +43,7 @@ def compress(
     try:
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank,
-                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, seq_len=seq_len,
+                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, eval_tokens=eval_tokens,
                              overwrite=overwrite)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False))

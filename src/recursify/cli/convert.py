@@ -42,6 +42,7 @@ def convert(
     calibrate: Optional[str] = typer.Option(None, "--calibrate", help="Text (files/folders/.jsonl, comma-separated) to calibrate the LoRA init on: each position's LoRA then fits what the layer's outputs see on real inputs instead of the raw weight difference. Far better before any training; statistics are cached."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --calibrate text to gather statistics on."),
     damp: float = typer.Option(0.01, help="With --calibrate: ridge added to each input covariance, as a fraction of its mean diagonal."),
+    sequential: bool = typer.Option(False, "--sequential", help="With --calibrate: then refit each position's LoRA in order on the converted model's own inputs, so it corrects the error earlier positions left (GPTQ-style)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Convert a pretrained causal LM into a (Relaxed) Recursive Transformer checkpoint.
@@ -78,8 +79,16 @@ def convert(
         if damp < 0:
             raise CLIError(f"--damp must be >= 0, got {damp}")
         stats = gather(teacher, tokenizer, split_list(calibrate), num_tokens=calib_tokens)
+    elif sequential:
+        raise CLIError("--sequential needs --calibrate DATA")
     t1 = time.time()
     student = rf.convert(teacher, recursion, progress=True, calibration=stats, damp=damp)
+    if sequential:
+        from ..calibrate import calibration_sequences
+        from ..sequential import sequential_calibrate
+
+        seqs = calibration_sequences(split_list(calibrate), tokenizer, min(calib_tokens, 8192))
+        sequential_calibrate(student, teacher, seqs, damp=damp)
     t_convert = time.time() - t1
     with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):
         student.save_pretrained(tmp)
