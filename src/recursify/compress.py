@@ -37,7 +37,7 @@ class CompressConfig:
     time_budget: float = 3600.0  # seconds, everything included
     calib_tokens: int = 16_384
     damp: float = 0.01
-    sequential: bool = False  # refit the LoRA position by position on the student's own inputs
+    sequential: bool = True  # refit the LoRA position by position on the student's own inputs
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 3e-4
@@ -177,7 +177,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         seqs = calibration_sequences(cfg.data, tok, cfg.calib_tokens, cfg.seq_len)
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
-        stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated")
+        stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
+              + (", then sequential refit" if cfg.sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp)
         if cfg.sequential:
             from .sequential import sequential_calibrate
@@ -275,7 +276,8 @@ def render_summary(s: dict) -> str:
         f"# {s['model']} compressed by recursify",
         "",
         f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), LoRA rank {s['recursion']['lora_rank']}, "
-        f"calibrated on {s['recursion'].get('calibration', {}).get('tokens', 0)} tokens, "
+        f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
+        f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
         f"{s['train_tokens'] or 0} distillation tokens, {_fmt_s(s['seconds'])} in all.",
         "",
         "| model | params | held-out ppl |",

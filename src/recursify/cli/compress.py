@@ -21,7 +21,7 @@ def compress(
     lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank (an integer or 'full')."),
     time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
-    sequential: bool = typer.Option(False, "--sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style)."),
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(3e-4, help="Peak learning rate of the distillation."),
