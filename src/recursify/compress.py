@@ -153,7 +153,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     # 1. teacher, data -----------------------------------------------------------------------------
     stage(1, f"loading {cfg.model} and the data")
-    teacher, tok = load_pretrained(cfg.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks its own the same way
+    teacher, tok = load_pretrained(cfg.model, device=device)
     teacher_dir = work / "teacher"
     if not (teacher_dir / "config.json").exists():  # the trainer reloads it fast from here
         with atomic_dir(teacher_dir) as tmp:
@@ -179,7 +180,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
         stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
               + (", then sequential refit" if cfg.sequential else ""))
-        student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp)
+        student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
         if cfg.sequential:
             from .sequential import sequential_calibrate
 
@@ -189,7 +190,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             tok.save_pretrained(tmp)
         save_state(calib_seconds=time.monotonic() - t0)
     else:
-        student, _ = load_pretrained(str(converted))
+        student, _ = load_pretrained(str(converted), device=device)
     if "before" not in state:
         t0 = time.monotonic()
         before = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
@@ -232,10 +233,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     # 5. evaluate, write ----------------------------------------------------------------------------
     stage(5, "evaluating and writing the checkpoint")
-    student, _ = load_pretrained(str(kd_dir))
+    student, _ = load_pretrained(str(kd_dir), device=device)
     after = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
     agree = teacher_agreement(student, teacher, eval_seqs)
-    device = next(student.parameters()).device
     gens = []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids.to(device)

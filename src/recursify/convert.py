@@ -175,13 +175,4 @@ def _norms(stack: torch.Tensor, layout: Layout, recursion: RecursionConfig) -> t
     return _init_slots(stack, layout, recursion.init)
 
 
-def layer_count_summary(model: RecursiveForCausalLM) -> dict[str, int]:
-    layout = model.layout
-    return {
-        "layers": layout.num_layers,
-        "unique_layers": layout.num_slots,
-        "loops": layout.num_loops,
-    }
-
-
-__all__ = ["convert", "with_rank", "build_config", "source_layer_for_slot", "layer_count_summary", "AUTO_MAP"]
+__all__ = ["convert", "with_rank", "build_config", "source_layer_for_slot", "AUTO_MAP"]

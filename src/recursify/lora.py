@@ -66,10 +66,6 @@ class DepthwiseLoRA(nn.Module):
             y.index_copy_(0, rows, part)  # the rows partition the batch: every row written once
         return y
 
-    def delta_weight(self, position: int) -> torch.Tensor:
-        """B_l A_l, the dense correction this adapter adds to the shared weight."""
-        return self.lora_B[position] @ self.lora_A[position]
-
 
 class DepthwiseDiagonal(nn.Module):
     """The ResidualTransformer's per-layer learned diagonal: y[:, :m] += x[:, :m] * d_l."""

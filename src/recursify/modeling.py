@@ -248,7 +248,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
     def rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin for full (False) and sliding (True) layers; they differ only in Gemma 3."""
-        if self.source_config.model_type == "gemma3_text":
+        if self.arch.rope_per_layer_type:
             return {
                 False: self.rotary_emb(h, position_ids, "full_attention"),
                 True: self.rotary_emb(h, position_ids, "sliding_attention"),

@@ -33,7 +33,6 @@ class EvalConfig:
     cloze_items: int = 200
     limit: int | None = None  # items per lm-eval task
     batch_size: int = 4
-    paper_tasks: str = "paper"
 
 
 class ExitView(torch.nn.Module):

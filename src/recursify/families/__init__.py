@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -31,14 +31,6 @@ class Family:
     residual: str  # "sequential", "sandwich" (Gemma 2/3 post-norms) or "parallel" (GPT-NeoX)
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
     fused_qkv: bool = False  # GPT-NeoX: one [3*heads*head_dim, hidden] projection, per-head interleaved
-
-    @property
-    def attention_linears(self) -> tuple[str, ...]:
-        return tuple(n for n in self.linears if n in ("q", "k", "v", "qkv", "o"))
-
-    @property
-    def mlp_linears(self) -> tuple[str, ...]:
-        return tuple(n for n in self.linears if n in ("gate", "up", "down"))
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -89,7 +81,7 @@ class Arch:
     parallel_residual: bool
     linear_bias: dict[str, bool]
     tie_word_embeddings: bool
-    extra: dict = field(default_factory=dict)
+    rope_per_layer_type: bool = False  # Gemma 3: full and sliding layers use different RoPE bases
 
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a layer linear."""
@@ -154,6 +146,7 @@ def arch_from_config(family: Family, config: PretrainedConfig) -> Arch:
         parallel_residual=bool(getattr(c, "use_parallel_residual", False)),
         linear_bias=bias,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rope_per_layer_type=c.model_type == "gemma3_text",
     )
 
 
