@@ -254,6 +254,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "student": after},
         "top1_agreement": agree["top1_agreement"], "kl": agree["kl"],
         "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
+        "train_tokens_per_s": state.get("train_tok_s"),
         "seconds": clock.spent, "generations": gens,
     }
     with atomic_dir(out) as tmp:
