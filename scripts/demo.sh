@@ -2,7 +2,7 @@
 # Install recursify (pinned versions) and run the main job on the bundled SmolLM2-135M (the
 # README's first command): fetch real text, then calibrate, convert to 2 loops with rank-64
 # relaxation, distil and evaluate within a short time budget. Prints the summary table.
-#   bash scripts/demo.sh [BUDGET]      e.g. 5m (default), 60m for a better model
+#   bash scripts/demo.sh [BUDGET]      e.g. 10m (default), 60m for a better model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_install.sh
@@ -10,4 +10,4 @@ install_recursify ""
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 bash scripts/fetch_corpora.sh corpus
 recursify compress smollm2-135m --data corpus/python-docs/train --loops 2 --lora-rank 64 \
-    --time-budget "${1:-5m}" --out runs/demo --overwrite
+    --time-budget "${1:-10m}" --out runs/demo --overwrite

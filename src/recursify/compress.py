@@ -173,18 +173,36 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     # 2-3. calibrate, convert ----------------------------------------------------------------------
     converted = work / "converted"
+    if "teacher_ppl" not in state:  # also measures this machine's forward speed, for the plan below
+        t0 = time.monotonic()
+        teacher_ppl = perplexity(teacher, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
+        save_state(teacher_ppl=teacher_ppl, fwd_tok_s=len(stream) / max(time.monotonic() - t0, 1e-6))
+    fwd = state["fwd_tok_s"]
+    reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
+    step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
+    seq_tokens = min(8192, cfg.calib_tokens) // cfg.seq_len * cfg.seq_len
+    sequential = cfg.sequential and state.get("sequential", True)
     if not (converted / "config.json").exists():
+        # Measured on SmolLM2 / 2 cores: statistics ~4 forwards per token, the sequential refit ~12.
+        prep = 4 * cfg.calib_tokens / fwd + 20
+        if clock.left < prep + reserve + step_s:
+            raise CompressError(f"the time budget ({_fmt_s(cfg.time_budget)}) cannot fit calibration (about "
+                                f"{_fmt_s(prep)} here) and one training step; raise --time-budget")
+        if sequential and clock.left < prep + 12 * seq_tokens / fwd + reserve + 10 * step_s:
+            log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
+            sequential = False
+        save_state(sequential=sequential)
         stage(2, f"calibrating on {cfg.calib_tokens} tokens")
         seqs = calibration_sequences(cfg.data, tok, cfg.calib_tokens, cfg.seq_len)
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
         stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
-              + (", then sequential refit" if cfg.sequential else ""))
+              + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
-        if cfg.sequential:
+        if sequential:
             from .sequential import sequential_calibrate
 
-            sequential_calibrate(student, teacher, seqs[: max(1, 8192 // cfg.seq_len)], damp=cfg.damp)
+            sequential_calibrate(student, teacher, seqs[: max(1, seq_tokens // cfg.seq_len)], damp=cfg.damp)
         with atomic_dir(converted) as tmp:
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -192,18 +210,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     else:
         student, _ = load_pretrained(str(converted), device=device)
     if "before" not in state:
-        t0 = time.monotonic()
         before = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
-        teacher_ppl = perplexity(teacher, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
-        fwd_tok_s = 2 * len(stream) / max(time.monotonic() - t0, 1e-6)
-        save_state(before=before, teacher_ppl=teacher_ppl, fwd_tok_s=fwd_tok_s)
-        log(f"      held-out perplexity: teacher {teacher_ppl:.2f}, converted (no training) {before:.4g}")
+        save_state(before=before)
+        log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
     del student
 
     # 4. distil -----------------------------------------------------------------------------------
-    fwd = state["fwd_tok_s"]
-    reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
-    step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
     train_time = clock.left - reserve
     kd_dir = work / "kd"
     if not (kd_dir / "final_metrics.json").exists():
