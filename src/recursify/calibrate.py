@@ -168,11 +168,16 @@ def fingerprint(source, sequences: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
+def stats_path(source, sequences: torch.Tensor, cache_dir: str | Path) -> Path:
+    """Where `cached_stats` keeps the statistics of `source` on `sequences`."""
+    return Path(cache_dir) / f"{fingerprint(source, sequences)}.safetensors"
+
+
 def cached_stats(source, sequences: torch.Tensor, cache_dir: str | Path | None, progress: bool = True) -> CalibrationStats:
     """`collect_stats`, reusing a previous result for the same model and tokens."""
     if cache_dir is None:
         return collect_stats(source, sequences, progress=progress)
-    path = Path(cache_dir) / f"{fingerprint(source, sequences)}.safetensors"
+    path = stats_path(source, sequences, cache_dir)
     if path.exists():
         try:
             return CalibrationStats.load(path)

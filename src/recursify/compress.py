@@ -113,7 +113,7 @@ def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:
 def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
     import recursify as rf
 
-    from .calibrate import calibration_sequences, cached_stats
+    from .calibrate import cached_stats, calibration_sequences, stats_path
     from .eval.metrics import perplexity, teacher_agreement
     from .hub import atomic_dir, cache_root, load_pretrained
     from .train.data import DataConfig, DataError, build_datasets
@@ -180,20 +180,30 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     fwd = state["fwd_tok_s"]
     reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
     step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
-    seq_tokens = min(8192, cfg.calib_tokens) // cfg.seq_len * cfg.seq_len
     sequential = cfg.sequential and state.get("sequential", True)
     if not (converted / "config.json").exists():
-        # Measured on SmolLM2 / 2 cores: statistics ~4 forwards per token, the sequential refit ~12.
-        prep = 4 * cfg.calib_tokens / fwd + 20
+        # Fit the preparation to the budget: fewer calibration tokens (down to 2048), then no
+        # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about
+        # 4 forwards per token (nothing when cached), the sequential refit about 12.
+        calib_tokens = cfg.calib_tokens
+        while True:
+            seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
+            cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
+            prep = (0 if cached else 4 * seqs.numel() / fwd) + 20
+            refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
+            if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
+                break
+            calib_tokens = max(2048, calib_tokens // 2)
+        if calib_tokens < cfg.calib_tokens:
+            log(f"      calibrating on {calib_tokens} tokens instead of {cfg.calib_tokens} to fit the budget")
+        if sequential and clock.left < prep + refit + reserve + 10 * step_s:
+            log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
+            sequential = False
         if clock.left < prep + reserve + step_s:
             raise CompressError(f"the time budget ({_fmt_s(cfg.time_budget)}) cannot fit calibration (about "
                                 f"{_fmt_s(prep)} here) and one training step; raise --time-budget")
-        if sequential and clock.left < prep + 12 * seq_tokens / fwd + reserve + 10 * step_s:
-            log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
-            sequential = False
         save_state(sequential=sequential)
-        stage(2, f"calibrating on {cfg.calib_tokens} tokens")
-        seqs = calibration_sequences(cfg.data, tok, cfg.calib_tokens, cfg.seq_len)
+        stage(2, f"calibrating on {seqs.numel()} tokens")
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
         stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
@@ -202,7 +212,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if sequential:
             from .sequential import sequential_calibrate
 
-            sequential_calibrate(student, teacher, seqs[: max(1, seq_tokens // cfg.seq_len)], damp=cfg.damp)
+            sequential_calibrate(student, teacher, seqs[: max(1, 8192 // cfg.seq_len)], damp=cfg.damp)
         with atomic_dir(converted) as tmp:
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
