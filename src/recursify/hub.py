@@ -44,7 +44,8 @@ def atomic_dir(target: Path):
 
 def cache_root() -> Path:
     """$RECURSIFY_CACHE, else ~/.cache/recursify: models assembled from wheels, calibration statistics."""
-    return Path(os.environ.get("RECURSIFY_CACHE", Path.home() / ".cache" / "recursify"))
+    root = os.environ.get("RECURSIFY_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "recursify"
 
 
 def resolve(name_or_path: str) -> tuple[str, str | None]:

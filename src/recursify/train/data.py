@@ -119,9 +119,9 @@ class DataConfig:
 
 def default_cache_dir() -> Path:
     """``$RECURSIFY_CACHE/tokens`` if set, else ``~/.cache/recursify/tokens``."""
-    root = os.environ.get("RECURSIFY_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "recursify"
-    return base / "tokens"
+    from ..hub import cache_root
+
+    return cache_root() / "tokens"
 
 
 # --------------------------------------------------------------------------------------------
