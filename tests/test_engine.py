@@ -172,8 +172,9 @@ def test_oracle_exit_output_equals_full_depth_greedy():
 def test_exit_at_first_loop_uses_the_first_loop_prediction():
     model = convert(num_loops=2)
     p = prompts([6])[0]
-    out = LLMEngine(model, max_batch=1, max_model_len=64, exit=ExitConfig("confidence", 0.0)).generate([p], GREEDY)[0]
-    # First token from the prompt's full-depth pass; every later one exits after loop 1.
+    out = LLMEngine(model, max_batch=1, max_model_len=64, exit=ExitConfig("confidence", 1e-6)).generate([p], GREEDY)[0]
+    # Max softmax >= 1/V > 1e-6 always: the first token comes from the prompt's full-depth pass,
+    # every later one exits after loop 1.
     assert out.exit_depths == [2] + [1] * 7
     ids = torch.tensor([p + out.token_ids[:1]])
     assert out.token_ids[1] == int(model(ids, depth=torch.tensor([1])).logits[0, -1].argmax())
@@ -185,7 +186,7 @@ def test_threshold_one_never_exits_and_entropy_mode_runs():
     full = LLMEngine(model, max_batch=2, max_model_len=64).generate(ps, GREEDY)
     never = LLMEngine(model, max_batch=2, max_model_len=64, exit_threshold=1.0).generate(ps, GREEDY)
     assert [o.token_ids for o in never] == [o.token_ids for o in full]
-    ent = LLMEngine(model, max_batch=2, max_model_len=64, exit=ExitConfig("entropy", 0.0)).generate(ps, GREEDY)
+    ent = LLMEngine(model, max_batch=2, max_model_len=64, exit=ExitConfig("entropy", 1e-9)).generate(ps, GREEDY)
     assert all(o.exit_depths[1:] == [1] * 7 for o in ent)
 
 

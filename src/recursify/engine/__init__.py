@@ -1,21 +1,25 @@
 """Serving engine: continuous depth-wise batching with early exit for Recursive Transformers.
 
 Kept in separate layers, as in vLLM: `request` (what is asked), `kv_cache` (fixed-budget memory),
-`scheduler` (what runs each step), `runner` (one batched forward), `sampling`, and `engine`
+`scheduler` (what runs each step), `runner` (one batched forward), `exit_policy` (when a token
+leaves early), `sampling`, and `engine`
 (the loop tying them together, sync and async).
 """
 
 from .engine import AsyncLLMEngine, EngineStoppedError, LLMEngine, StepStats
 from .kv_cache import CacheBudgetError, KVCache
 from .request import ParamError, Request, RequestOutput, SamplingParams
-from .runner import ExitConfig, ModelRunner, kv_projection
+from .exit_policy import EXIT_MODES, ExitConfig, ExitPolicy, resolve_exit
+from .runner import ModelRunner, kv_projection
 from .scheduler import QueueFullError, Scheduler, WorkItem
 
 __all__ = [
     "AsyncLLMEngine",
     "CacheBudgetError",
     "EngineStoppedError",
+    "EXIT_MODES",
     "ExitConfig",
+    "ExitPolicy",
     "KVCache",
     "LLMEngine",
     "ModelRunner",
@@ -28,4 +32,5 @@ __all__ = [
     "StepStats",
     "WorkItem",
     "kv_projection",
+    "resolve_exit",
 ]

@@ -21,7 +21,8 @@ import torch
 from ..modeling import RecursiveForCausalLM
 from .kv_cache import KVCache
 from .request import ParamError, Request, RequestOutput, SamplingParams
-from .runner import ExitConfig, ModelRunner
+from .exit_policy import ExitConfig, resolve_exit
+from .runner import ModelRunner
 from .sampling import sample
 from .scheduler import QueueFullError, Scheduler
 
@@ -59,7 +60,8 @@ class LLMEngine:
     max_batch: concurrent sequences (KV-cache sequence slots, also the most rows in a step).
     max_model_len: prompt + output tokens per sequence (each slot is sized for it).
     kv_cache_bytes: optional memory budget; it may lower the number of slots below max_batch.
-    exit: an ExitConfig (or a mode name) for early exit at loop boundaries.
+    exit, exit_threshold: early exit at loop boundaries, an ExitConfig or a mode name and a
+    threshold in (0, 1] (see exit_policy.resolve_exit; bad values raise ParamError at once).
     A vanilla model, `rf.convert(hf_model, RecursionConfig(num_loops=1))`, gives ordinary
     continuous batching: each step runs the whole depth.
     """
@@ -83,9 +85,7 @@ class LLMEngine:
                 f"LLMEngine serves RecursiveForCausalLM models, got {type(model).__name__}; "
                 "wrap a Hugging Face model with rf.convert(model, rf.RecursionConfig(num_loops=1))"
             )
-        if isinstance(exit, str) or exit is None:
-            mode = exit or ("confidence" if exit_threshold is not None else "none")
-            exit = ExitConfig(mode, 0.9 if exit_threshold is None else exit_threshold)
+        exit = resolve_exit(exit, exit_threshold)
         self.model = model.eval()
         self.tokenizer = tokenizer
         limit = getattr(model.config, "max_position_embeddings", None) or 2048

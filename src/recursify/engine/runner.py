@@ -5,54 +5,32 @@ for every loop, so `model.layer_forward(edge + k, positions, h, rope, attend)` s
 once with per-row unrolled positions edge + b_i*K + k (each row gathers its own LoRA and norms).
 Prelude/coda layers (middle_* strategies) run on the rows at loop 0 / the last loop.
 
-At a loop boundary a decode row may exit: the shared head reads its residual stream, and a
-confident row stops there. The keys/values of the depths it skipped are still needed by later
-tokens, so they are filled from the exit hidden state (CALM's state propagation): k/v
-projections of the skipped positions, batched per shared slot, in the same step.
+At a loop boundary a decode row may exit, as the exit policy (exit_policy.py) decides: from the
+shared head's logits (confidence, entropy) or from its residual stream alone (saturation). The
+keys/values of the depths it skipped are still needed by later tokens, so they are filled from
+the exit hidden state (CALM's state propagation): k/v projections of the skipped positions,
+batched per shared slot, in the same step.
 
 Rows are grouped by length: single tokens in one group, prefill chunks (padded to the longest)
 in another, so a long chunk never pads every decode row to its length.
 
 Every tensor a step builds is made on the model's device, from host-side bookkeeping (the items'
 Python ints), so a step never reads a device tensor back to decide what to run. The one transfer
-back to the host is the exit logits (`Emission.logits`), which exit tests and sampling read.
+back to the host is the emitted rows' logits (`Emission.logits`), which sampling reads, besides the
+exit decisions themselves (one boolean per row offered an exit).
 """
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .exit_policy import ExitConfig, ExitPolicy
 from .kv_cache import KVCache
 from .scheduler import WorkItem
-
-EXIT_MODES = ("none", "confidence", "entropy", "oracle", "replay")
-
-
-@dataclass
-class ExitConfig:
-    """When a decode token may leave before the last loop.
-
-    none: always full depth. confidence: exit when the max softmax probability of the exit logits
-    is >= threshold. entropy: exit when 1 - H(p)/log(V) >= threshold. oracle: run full depth and
-    record the first loop whose argmax equals the full-depth argmax (the paper's upper bound;
-    output is exactly the full-depth output, compute is not saved). replay: exit at the depths in
-    each request's `exit_schedule` (e.g. recorded by an oracle pass), to measure what those exits
-    would cost with state propagation.
-    """
-
-    mode: str = "none"
-    threshold: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.mode not in EXIT_MODES:
-            raise ValueError(f"unknown exit mode {self.mode!r}; choose one of {', '.join(EXIT_MODES)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"exit threshold must be in [0, 1], got {self.threshold}")
-
 
 @dataclass
 class Emission:
@@ -143,8 +121,12 @@ class ModelRunner:
                 f"strategy {layout.strategy!r} has no loop boundaries: depth-wise batching and early exit are off, "
                 "every step runs all positions"
             )
-            if self.exit.mode != "none":
+            if self.exit.checks:
                 self.exit = ExitConfig("none")
+        self.policy = ExitPolicy(self.exit)
+        self.measure = False  # synchronize a GPU around exit decisions so their timing is exact
+        self.exit_seconds = 0.0  # time spent deciding exits (head included for head modes)
+        self.exit_checks = 0  # rows offered an exit
         self.slot_of = layout.slot_of_position
         self.block_slots = [self.slot_of[p] for p in self.loop_positions[0]]
         self.device = model.embed_tokens.weight.device
@@ -230,6 +212,8 @@ class ModelRunner:
         for g in groups:
             for p in self.prelude:
                 self._on_rows(g, [i for i, it in enumerate(g.items) if it.loop == 0], p)
+            if self.policy.needs_previous:  # each row's state entering this loop: the previous loop end
+                g.previous = g.h[_long(list(range(len(g.items))), g.h.device), self._last_t(g.items)]
         for k in range(len(self.loop_positions[0])):
             for g in groups:
                 self._layer(g, [self.loop_positions[it.loop][k] for it in g.items])
@@ -239,27 +223,27 @@ class ModelRunner:
 
         emissions: list[Emission] = []
         completed: list[WorkItem] = []
-        mode = self.exit.mode
         for g in groups:
-            need = [
-                i for i, it in enumerate(g.items)
-                if (it.loop == last and it.produces_token) or (it.loop < last and it.is_decode and mode != "none")
-            ]
-            logits = {}
-            if need:
-                rows = _long(need, g.h.device)
-                last_t = _long([g.items[i].length - 1 for i in need], g.h.device)
-                # The step's one device-to-host copy: exit tests and sampling read these on the host.
-                logits = dict(zip(need, self.model.exit_logits(g.h[rows, last_t]).float().cpu()))
-            exited = []
+            final = [i for i, it in enumerate(g.items) if it.loop == last and it.produces_token]
+            offered = [i for i, it in enumerate(g.items) if it.loop < last and it.is_decode and self.exit.checks]
+            exited, logits = self._decide(g, offered)
+            emit = sorted(final + exited)
+            if emit:
+                missing = [i for i in emit if i not in logits]
+                if missing:
+                    rows = _long(missing, g.h.device)
+                    logits.update(zip(missing, self.model.exit_logits(g.h[rows, self._last_t(g.items, missing)])))
+                # The step's one device-to-host copy of logits: sampling reads them on the host.
+                host = torch.stack([logits[i] for i in emit]).float().cpu()
+                logits = dict(zip(emit, host))
+            out = set(exited)
             for i, it in enumerate(g.items):
                 if it.loop == last:
                     completed.append(it)
                     if it.produces_token:
-                        emissions.append(Emission(it, logits[i], self._final_depth(it, logits[i])))
-                elif i in logits and self._exits(it, logits[i]):
+                        emissions.append(Emission(it, logits[i], self.policy.final_depth(it, logits[i], self.num_loops)))
+                elif i in out:
                     completed.append(it)
-                    exited.append(i)
                     emissions.append(Emission(it, logits[i], it.loop + 1))
                 else:
                     it.hidden = g.h[i, : it.length]
@@ -268,28 +252,30 @@ class ModelRunner:
                 self._propagate(g, exited)
         return emissions, completed
 
-    def _final_depth(self, item: WorkItem, logits: torch.Tensor) -> int:
-        if self.exit.mode == "oracle":
-            final = int(logits.argmax())
-            for b, a in enumerate(item.loop_argmax):
-                if a == final:
-                    return b + 1
-        return self.num_loops
+    def _last_t(self, items, rows=None) -> torch.Tensor:
+        """Index of each row's last valid token (padding follows it), on the model's device."""
+        rows = range(len(items)) if rows is None else rows
+        return _long([items[i].length - 1 for i in rows], self.device)
 
-    def _exits(self, item: WorkItem, logits: torch.Tensor) -> bool:
-        mode = self.exit.mode
-        if mode == "oracle":
-            item.loop_argmax.append(int(logits.argmax()))
-            return False
-        if mode == "replay":
-            schedule = item.request.exit_schedule or []
-            n = len(item.request.output_token_ids)
-            return n < len(schedule) and item.loop + 1 >= schedule[n]
-        p = torch.softmax(logits, dim=-1)
-        if mode == "confidence":
-            return float(p.max()) >= self.exit.threshold
-        entropy = float(-(p * torch.log(p.clamp_min(1e-12))).sum())
-        return 1.0 - entropy / math.log(p.numel()) >= self.exit.threshold
+    def _decide(self, g: _Group, offered: list[int]) -> tuple[list[int], dict]:
+        """Rows (of `offered`) that exit now, and the exit logits the decision already computed
+        (on the device). Timed into `exit_seconds` / `exit_checks` (the policy's cost)."""
+        if not offered:
+            return [], {}
+        if self.measure and g.h.device.type == "cuda":
+            torch.cuda.synchronize(g.h.device)
+        t0 = time.perf_counter()
+        rows = _long(offered, g.h.device)
+        hidden = g.h[rows, self._last_t(g.items, offered)]
+        previous = g.previous[rows] if self.policy.needs_previous else None
+        logits = self.model.exit_logits(hidden) if self.policy.uses_head else None
+        decisions = self.policy.decide([g.items[i] for i in offered], hidden, previous, logits)
+        self.exit_seconds += time.perf_counter() - t0
+        self.exit_checks += len(offered)
+        exited = [i for i, d in zip(offered, decisions) if d]
+        if logits is None:
+            return exited, {}
+        return exited, {i: logits[j] for j, i in enumerate(offered) if decisions[j]}
 
     def _propagate(self, g: _Group, rows: list[int]) -> None:
         """Fill the KV entries of the positions each exited row skipped, from its exit state."""

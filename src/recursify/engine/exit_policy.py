@@ -1,0 +1,136 @@
+"""Exit policies: when a decode token may leave the shared block before the last loop.
+
+A policy turns the rows at a loop boundary into exit decisions. The scores are batched tensor
+functions on the model's device (one host transfer of booleans per decision), so their cost per
+step can be measured and compared:
+
+  confidence  max softmax probability of the exit head's logits >= threshold
+  entropy     1 - H(p) / log(V) of the exit head's distribution >= threshold
+  saturation  cosine similarity of the last position's residual stream at this loop end and at
+              the previous one (the loop's input for the first loop) >= threshold; it reads no
+              head, so a row that stays pays nothing but a dot product
+  oracle      never exits; records each loop's argmax so the final depth is the first loop that
+              already agreed with full depth (the paper's upper bound)
+  replay      exits at the depths in each request's `exit_schedule` (e.g. an oracle pass's)
+
+`resolve_exit` is the one defaulting rule (a threshold alone means confidence exit, a mode alone
+threshold 0.9) shared by the engine, the server and the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .request import ParamError
+
+EXIT_MODES = ("none", "confidence", "entropy", "saturation", "oracle", "replay")
+HEAD_MODES = ("confidence", "entropy", "oracle")  # the decision reads the exit head's logits
+DEFAULT_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """An exit mode (see the module docstring) and its threshold in (0, 1]."""
+
+    mode: str = "none"
+    threshold: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if self.mode not in EXIT_MODES:
+            raise ParamError(f"unknown exit mode {self.mode!r}; choose one of {', '.join(EXIT_MODES)}", "exit_mode")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            raise ParamError(f"exit threshold must be a number in (0, 1], got {t!r}", "exit_threshold")
+
+    @property
+    def uses_head(self) -> bool:
+        return self.mode in HEAD_MODES
+
+    @property
+    def checks(self) -> bool:
+        """Whether rows before the last loop are offered an exit at all."""
+        return self.mode != "none"
+
+
+def resolve_exit(exit: ExitConfig | str | None = None, threshold: float | None = None) -> ExitConfig:
+    """ExitConfig from the user-facing pair (mode or config, threshold); raises ParamError, one line."""
+    if isinstance(exit, ExitConfig):
+        if threshold is not None and threshold != exit.threshold:
+            raise ParamError(f"exit threshold given twice: {threshold} and {exit.threshold} in the ExitConfig",
+                             "exit_threshold")
+        return exit
+    mode = exit or ("confidence" if threshold is not None else "none")
+    return ExitConfig(mode, DEFAULT_THRESHOLD if threshold is None else threshold)
+
+
+# ---------------------------------------------------------------------------- scores
+def max_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits -> [n] largest probability (computed in float32)."""
+    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits -> [n] 1 - H(p)/log(V): 1 for a one-hot distribution, 0 for a uniform one."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return 1.0 - entropy / math.log(logits.shape[-1])
+
+
+def saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """[n, d] residual streams at this loop end and the previous one -> [n] cosine similarity."""
+    return F.cosine_similarity(hidden.float(), previous.float(), dim=-1, eps=1e-12)
+
+
+SCORES = {"confidence": max_softmax, "entropy": entropy_confidence}
+
+
+class ExitPolicy:
+    """Decides which candidate rows exit. `decide` gets the rows' work items, their last-position
+    residual streams now and at the previous loop end, and (for head modes) their exit logits."""
+
+    def __init__(self, config: ExitConfig):
+        self.config = config
+        self.mode = config.mode
+
+    @property
+    def uses_head(self) -> bool:
+        return self.config.uses_head
+
+    @property
+    def needs_previous(self) -> bool:
+        return self.mode == "saturation"
+
+    def scores(self, hidden, previous, logits) -> torch.Tensor:
+        if self.mode == "saturation":
+            return saturation(hidden, previous)
+        return SCORES[self.mode](logits)
+
+    def decide(self, items, hidden: torch.Tensor, previous: torch.Tensor | None,
+               logits: torch.Tensor | None) -> list[bool]:
+        if self.mode == "oracle":
+            for it, a in zip(items, logits.argmax(dim=-1).tolist()):
+                it.loop_argmax.append(a)
+            return [False] * len(items)
+        if self.mode == "replay":
+            out = []
+            for it in items:
+                schedule = it.request.exit_schedule or []
+                n = len(it.request.output_token_ids)
+                out.append(n < len(schedule) and it.loop + 1 >= schedule[n])
+            return out
+        if self.mode == "none":
+            return [False] * len(items)
+        return (self.scores(hidden, previous, logits) >= self.config.threshold).tolist()
+
+    def final_depth(self, item, logits: torch.Tensor, num_loops: int) -> int:
+        """Depth recorded for a token that ran every loop (oracle: the first loop that agreed)."""
+        if self.mode == "oracle":
+            final = int(logits.argmax())
+            for b, a in enumerate(item.loop_argmax):
+                if a == final:
+                    return b + 1
+        return num_loops
