@@ -226,6 +226,46 @@ def activation_aware_factors(
     return B.to(delta.dtype).contiguous(), A.to(delta.dtype).contiguous()
 
 
+def _damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
+    """C + damp * mean(diag C) * I per matrix (the same ridge `activation_aware_factors` uses)."""
+    if not damp:
+        return cov
+    mean_diag = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    return cov + damp * mean_diag.view(-1, 1, 1) * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+
+
+@torch.no_grad()
+def fit_shared(W: torch.Tensor, cov: torch.Tensor, slot_of_position, rank: int, damp: float = 0.01,
+               iters: int = 2, normalise: bool = True) -> torch.Tensor:
+    """Shared weights [num_slots, out, in] fitted to what the layers' outputs see.
+
+    Minimises sum_l ||(W_l - W_s - B_l A_l) C_l^{1/2}||^2 over each slot's tied layers, jointly
+    with the positions' rank-r corrections, by alternating the two closed forms: the factors
+    (`activation_aware_factors`) for fixed W_s, and W_s = (sum_l R_l C_l)(sum_l C_l)^{-1} with
+    R_l = W_l - B_l A_l for fixed factors. Starts from the plain average, and every half-step
+    lowers the objective, so it never ends worse than the average's calibrated fit. At r = 0 it is
+    the activation-weighted least-squares fit. `normalise` scales every C_l to unit mean diagonal
+    first: without it the layers with the largest inputs decide the shared weight alone.
+    """
+    slots = torch.as_tensor(list(slot_of_position), device=W.device)
+    num_slots = int(slots.max()) + 1
+    C = _damped(cov.to(W.device, torch.float64), damp)
+    if normalise:
+        C = C / torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1)
+    Wd = W.double()
+    shared = torch.stack([Wd[slots == s].mean(0) for s in range(num_slots)])
+    for _ in range(max(1, iters) if rank > 0 else 1):
+        R = Wd
+        if rank > 0:
+            B, A = activation_aware_factors(Wd - shared[slots], C, rank, damp=0.0)
+            R = Wd - B @ A
+        for s in range(num_slots):
+            m = slots == s
+            rhs = (R[m] @ C[m]).sum(0)  # [out, in]
+            shared[s] = torch.linalg.solve(C[m].sum(0), rhs.T).T  # rhs (sum C)^{-1}, C symmetric
+    return shared.to(W.dtype)
+
+
 def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """||(Delta - B A) C^{1/2}||_F^2 per matrix = trace(E C E^T): the squared output error per token."""
     E = (delta - B @ A).double()

@@ -8,6 +8,7 @@ clock, and resumes: its work folder `.<out>.work/` survives a kill and is remove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -33,7 +34,8 @@ class CompressConfig:
     loops: int = 2
     strategy: str = "cycle"
     init: str = "average"
-    lora_rank: int | str = 64
+    lora_rank: int | str = 64  # or "auto": per-linear ranks chosen for target_params
+    target_params: float | None = None  # with lora_rank="auto": fraction of the teacher's parameters
     time_budget: float = 3600.0  # seconds, everything included
     calib_tokens: int = 16_384
     damp: float = 0.01
@@ -42,6 +44,8 @@ class CompressConfig:
     batch_size: int = 4
     lr: float = 3e-4
     max_tokens: int | None = None  # training tokens at most (default: what the budget can use)
+    local_fraction: float = 0.0  # share of the training time spent on local distillation before KD
+    local_tokens: int = 65_536  # training tokens the local stage cycles over
     eval_tokens: int = 4096
     overwrite: bool = False
 
@@ -51,6 +55,10 @@ class CompressConfig:
         for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.local_fraction < 1:
+            raise CompressError(f"--local-fraction must be in [0, 1), got {self.local_fraction}")
+        if (self.lora_rank == "auto") != (self.target_params is not None):
+            raise CompressError("--lora-rank auto and --target-params go together: the budget decides the ranks")
         if self.eval_tokens < 2 * self.seq_len:
             raise CompressError(f"--eval-tokens={self.eval_tokens} must cover two sequences of {self.seq_len}")
 
@@ -121,8 +129,11 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     cfg.validate()
     try:  # the layout and the model's family, before anything is loaded or written
+        auto = cfg.lora_rank == "auto"
         recursion = rf.RecursionConfig(num_loops=cfg.loops, strategy=cfg.strategy, init=cfg.init,
-                                       lora_rank=cfg.lora_rank)
+                                       lora_rank=0 if auto else cfg.lora_rank)
+        if auto and not 0 < cfg.target_params <= 1:
+            raise CompressError(f"--target-params is a fraction of the teacher's parameters in (0, 1], got {cfg.target_params}")
         source_config = rf.hub.load_config(cfg.model)
         family = rf.families.detect_family(source_config)
         rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
@@ -155,6 +166,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     stage(1, f"loading {cfg.model} and the data")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks its own the same way
     teacher, tok = load_pretrained(cfg.model, device=device)
+    if auto:  # a budget that even rank 0 exceeds fails now, not after calibration
+        from .allocate import parameter_count
+
+        floor = parameter_count(teacher, recursion) / sum(p.numel() for p in teacher.parameters())
+        if floor > cfg.target_params:
+            raise CompressError(f"--target-params {cfg.target_params:g} is below what even rank 0 needs "
+                                f"({floor:.1%} of the teacher's parameters): use more loops or a larger target")
     teacher_dir = work / "teacher"
     if not (teacher_dir / "config.json").exists():  # the trainer reloads it fast from here
         with atomic_dir(teacher_dir) as tmp:
@@ -206,6 +224,16 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stage(2, f"calibrating on {seqs.numel()} tokens")
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
+        if auto:
+            from .allocate import allocate_ranks
+
+            try:
+                ranks = allocate_ranks(teacher, recursion, stats, cfg.target_params, damp=cfg.damp)
+            except ValueError as e:
+                raise CompressError(str(e)) from e
+            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
+            log("      ranks for " + f"{cfg.target_params:.0%} of the teacher's parameters: "
+                + ", ".join(f"{k} {v}" for k, v in ranks.items()))
         stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
               + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
@@ -223,9 +251,27 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         before = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
         save_state(before=before)
         log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
-    del student
 
-    # 4. distil -----------------------------------------------------------------------------------
+    # 4. distil: local (each position to its teacher layer), then global KD --------------------------
+    local_dir = work / "local"
+    start_from = converted
+    if cfg.local_fraction > 0:
+        start_from = local_dir
+        if not (local_dir / "config.json").exists():
+            local_time = cfg.local_fraction * (clock.left - reserve)
+            stage(4, f"local distillation for {_fmt_s(local_time)}")
+            from .train.local import local_distill
+
+            local_seqs = calibration_sequences(cfg.data, tok, cfg.local_tokens, cfg.seq_len)
+            res = local_distill(student, teacher, local_seqs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                max_time=local_time)
+            with atomic_dir(local_dir) as tmp:
+                student.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            after_local = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
+            save_state(local_tokens=res["tokens"], local_steps=res["steps"], after_local=after_local)
+            log(f"      {res['steps']} local steps ({res['tokens']} tokens): held-out perplexity {after_local:.4g}")
+    del student
     train_time = clock.left - reserve
     kd_dir = work / "kd"
     if not (kd_dir / "final_metrics.json").exists():
@@ -236,11 +282,11 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if "max_tokens" not in state:
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
-        stage(4, f"distilling from the teacher for up to {_fmt_s(train_time)}")
+        stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
         steps_guess = max(1, int(train_time / step_s))
         try:
             result = train(TrainConfig(
-                student=str(converted), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
+                student=str(start_from), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
                 out=str(kd_dir), max_tokens=state["max_tokens"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
@@ -273,7 +319,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         "params": {"teacher": params_teacher, "student": params_student,
                    "fraction": params_student / params_teacher},
         "heldout_tokens": len(stream),
-        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "student": after},
+        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "after_local": state.get("after_local"),
+                "student": after},
+        "local_tokens": state.get("local_tokens"),
         "top1_agreement": agree["top1_agreement"], "kl": agree["kl"],
         "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
         "train_tokens_per_s": state.get("train_tok_s"),
@@ -290,6 +338,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     return summary
 
 
+def _ranks(recursion: dict) -> str:
+    pattern = recursion.get("rank_pattern")
+    if pattern:
+        return "LoRA ranks " + ", ".join(f"{k} {v}" for k, v in pattern.items())
+    return f"LoRA rank {recursion['lora_rank']}"
+
+
 def render_summary(s: dict) -> str:
     """The summary table; every sentence is computed from the numbers in `s`."""
     p, ppl = s["params"], s["ppl"]
@@ -298,7 +353,7 @@ def render_summary(s: dict) -> str:
     lines = [
         f"# {s['model']} compressed by recursify",
         "",
-        f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), LoRA rank {s['recursion']['lora_rank']}, "
+        f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), {_ranks(s['recursion'])}, "
         f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
         f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
         f"{s['train_tokens'] or 0} distillation tokens, {_fmt_s(s['seconds'])} in all.",
@@ -307,6 +362,11 @@ def render_summary(s: dict) -> str:
         "|---|---:|---:|",
         f"| teacher | {p['teacher'] / 1e6:.1f}M | {ppl['teacher']:.2f} |",
         f"| converted, before training | {p['student'] / 1e6:.1f}M | {ppl['converted']:.4g} |",
+    ]
+    if ppl.get("after_local") is not None:
+        lines.append(f"| after local distillation ({s['local_tokens']} tokens) | {p['student'] / 1e6:.1f}M | "
+                     f"{ppl['after_local']:.4g} |")
+    lines += [
         f"| compressed | {p['student'] / 1e6:.1f}M ({p['fraction']:.0%}) | {ppl['student']:.2f} |",
         "",
         f"Top-1 agreement with the teacher: {s['top1_agreement']:.3f} (KL {s['kl']:.3f} nats/token) on "

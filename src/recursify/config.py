@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 from transformers import PretrainedConfig
 
 STRATEGIES = ("cycle", "sequence", "middle_cycle", "middle_sequence")
-INITS = ("stepwise", "average", "lower", "random")
+INITS = ("stepwise", "average", "lower", "random", "calibrated")
 LORA_INITS = ("svd", "zero")
 VARIANTS = ("relaxed", "residual")
 
@@ -50,6 +50,7 @@ class RecursionConfig:
     share_norms: bool = False
     seed: int = 0  # only used by init="random"
     calibration: dict | None = None  # set by convert(calibration=...): {"tokens": N, "damp": ...}
+    rank_pattern: dict[str, int] | None = None  # per-linear ranks overriding lora_rank (as in PEFT)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_rank, str) and self.lora_rank.isdigit():
@@ -69,6 +70,9 @@ class RecursionConfig:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.lora_rank != "full" and (not isinstance(self.lora_rank, int) or self.lora_rank < 0):
             raise ConfigError(f"lora_rank must be 0, a positive integer or 'full', got {self.lora_rank!r}")
+        for name, r in (self.rank_pattern or {}).items():
+            if not isinstance(r, int) or r < 0:
+                raise ConfigError(f"rank_pattern[{name!r}] must be a non-negative integer, got {r!r}")
         if self.variant == "residual" and self.strategy != "sequence":
             # Residual sharing is defined over adjacent layers, which is exactly the sequence map.
             self.strategy = "sequence"

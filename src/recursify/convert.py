@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from .config import Layout, RecursionConfig, RecursiveConfig
 from .families import Family, detect_family
-from .calibrate import CalibrationStats, activation_aware_factors
+from .calibrate import CalibrationStats, activation_aware_factors, fit_shared
 from .lora import truncated_svd
 from .modeling import RecursiveForCausalLM
 
@@ -49,6 +49,14 @@ def _init_slots(stack: torch.Tensor, layout: Layout, init: str) -> torch.Tensor:
     return stack[source_layer_for_slot(layout, init)].clone()
 
 
+def shared_weights(W: torch.Tensor, layout: Layout, init: str, cov: torch.Tensor | None = None, rank: int = 0,
+                   damp: float = 0.01) -> torch.Tensor:
+    """Shared weights [num_slots, out, in] from the stacked source weights W [L, out, in]."""
+    if init == "calibrated":
+        return fit_shared(W, cov, layout.slot_of_position, rank, damp=damp)
+    return _init_slots(W, layout, init)
+
+
 def build_config(source: PreTrainedModel, recursion: RecursionConfig) -> RecursiveConfig:
     family = detect_family(source.config)
     base = source.config.to_dict()
@@ -74,6 +82,8 @@ def convert(
     layer's outputs see on real text instead of the raw weight difference; the checkpoint's
     config records how many tokens it was calibrated on.
     """
+    if recursion.init == "calibrated" and calibration is None:
+        raise ValueError("init='calibrated' fits the shared weights to calibration statistics: pass calibration=")
     if calibration is not None:
         recursion = RecursionConfig.from_dict(
             {**recursion.to_dict(), "calibration": {"tokens": calibration.num_tokens, "damp": damp}}
@@ -103,7 +113,8 @@ def convert(
             stack = torch.stack([layer.get_submodule(family.linears[name]).bias.float() for layer in layers])
             model.bias[name].copy_(_norms(stack, layout, recursion))
         if recursion.init != "random":
-            shared = _init_slots(W, layout, recursion.init)
+            rank = model.lora[name].rank if name in model.lora else 0
+            shared = shared_weights(W, layout, recursion.init, calibration.of(name) if calibration else None, rank, damp)
             for s in range(layout.num_slots):
                 model.slots[s].linears[name].weight.copy_(shared[s])
         shared = torch.stack([model.slots[s].linears[name].weight for s in range(layout.num_slots)])
@@ -170,9 +181,9 @@ def _norms(stack: torch.Tensor, layout: Layout, recursion: RecursionConfig) -> t
     """Per-position copies by default; per-slot values (same init rule) with share_norms."""
     if not recursion.share_norms:
         return stack
-    if recursion.init == "random":
+    if recursion.init in ("random", "calibrated"):
         return _init_slots(stack, layout, "average")
     return _init_slots(stack, layout, recursion.init)
 
 
-__all__ = ["convert", "with_rank", "build_config", "source_layer_for_slot", "AUTO_MAP"]
+__all__ = ["convert", "with_rank", "build_config", "shared_weights", "source_layer_for_slot", "AUTO_MAP"]

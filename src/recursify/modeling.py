@@ -66,7 +66,7 @@ def resolve_rank(rank, d_in: int, d_out: int) -> int:
 
 def lora_targets(family, recursion) -> list[str]:
     targets = list(recursion.lora_targets or family.linears)
-    unknown = [t for t in targets if t not in family.linears]
+    unknown = [t for t in targets + list(recursion.rank_pattern or {}) if t not in family.linears]
     if unknown:
         raise ValueError(
             f"unknown LoRA target(s) {', '.join(unknown)} for the {family.name} family; "
@@ -124,7 +124,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         for name in targets:
             d_in, d_out = a.linear_shape(name)
             # A rank beyond a narrow linear (GQA k/v) is full rank for that linear.
-            r = min(resolve_rank(self.recursion.lora_rank, d_in, d_out), min(d_in, d_out))
+            r = (self.recursion.rank_pattern or {}).get(name, resolve_rank(self.recursion.lora_rank, d_in, d_out))
+            r = min(r, min(d_in, d_out))
             if r > 0:
                 self.lora[name] = DepthwiseLoRA(L, d_in, d_out, r)
             if self.recursion.variant == "residual":

@@ -23,7 +23,7 @@ from .calibrate import CalibrationError, activation_aware_factors, linear_input_
 from .config import RecursionConfig
 
 
-def _one_layer(model, h: torch.Tensor):
+def layer_fn(model, h: torch.Tensor):
     """f(slot, position, x) -> x after that decoder layer, full causal attention, no cache."""
     bsz, seq, _ = h.shape
     position_ids = torch.arange(seq, device=h.device).unsqueeze(0).expand(bsz, -1)
@@ -82,8 +82,8 @@ def sequential_calibrate(model, source, sequences: torch.Tensor, damp: float = 0
     batches = [sequences[i : i + batch_size].to(device) for i in range(0, len(sequences), batch_size)]
     h_t = [teacher.embed(b) for b in batches]
     h_s = [model.embed(b) for b in batches]
-    layers_t = [_one_layer(teacher, h) for h in h_t]
-    layers_s = [_one_layer(model, h) for h in h_s]
+    layers_t = [layer_fn(teacher, h) for h in h_t]
+    layers_s = [layer_fn(model, h) for h in h_s]
     layout = model.layout
     for p in tqdm(range(layout.num_layers), desc="sequential calibration", disable=not progress, leave=False):
         slot = layout.slot_of_position[p]

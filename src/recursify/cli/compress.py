@@ -17,8 +17,9 @@ def compress(
     heldout: Optional[str] = typer.Option(None, help="Held-out text for the evaluation (default: 5% of --data's documents, never trained on)."),
     loops: int = typer.Option(2, "--loops", "-B", help="Number of loops; K = L / loops unique layers."),
     strategy: str = typer.Option("cycle", help="cycle, sequence, middle_cycle or middle_sequence."),
-    init: str = typer.Option("average", help="Shared-weight init: stepwise, average, lower."),
-    lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank (an integer or 'full')."),
+    init: str = typer.Option("average", help="Shared-weight init: stepwise, average, lower, or calibrated (fitted with the LoRA to what the layers' outputs see)."),
+    lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank: an integer, 'full', or 'auto' (a rank per linear, chosen from the calibrated spectra to fit --target-params)."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="With --lora-rank auto: the student's size as a fraction of the teacher's parameters, e.g. 0.75."),
     time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
@@ -26,6 +27,7 @@ def compress(
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(3e-4, help="Peak learning rate of the distillation."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Distillation tokens at most (default: what the budget allows)."),
+    local_fraction: float = typer.Option(0.0, "--local-fraction", help="Share of the training time for local distillation first (each position learns its teacher layer's output; no head, no teacher logits), the rest global KD. 0: KD only."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for perplexity and agreement."),
     overwrite: bool = typer.Option(False, help="Replace --out and discard an interrupted run."),
 ):
@@ -42,9 +44,9 @@ def compress(
 
     try:
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
-                             loops=loops, strategy=strategy, init=init, lora_rank=lora_rank,
+                             loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
-                             batch_size=batch_size, lr=lr, max_tokens=max_tokens, eval_tokens=eval_tokens,
+                             batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, eval_tokens=eval_tokens,
                              overwrite=overwrite)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False))
     except CompressError as e:

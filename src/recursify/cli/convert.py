@@ -32,8 +32,9 @@ def convert(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder."),
     loops: int = typer.Option(2, "--loops", "-B", help="Number of loops B; K = L / B unique layers. B must divide L."),
     strategy: str = typer.Option("cycle", help="Layer-to-slot map: cycle (ABC|ABC), sequence (AA|BB|CC), middle_cycle, middle_sequence."),
-    init: str = typer.Option("stepwise", help="Shared-weight init: stepwise, average, lower, random."),
-    lora_rank: str = typer.Option("0", "--lora-rank", "-r", help="Per-position LoRA rank: 0 (plain recursive), an integer, or 'full' (exact)."),
+    init: str = typer.Option("stepwise", help="Shared-weight init: stepwise, average, lower, random, or calibrated (with --calibrate: fitted jointly with the LoRA to what the layers' outputs see)."),
+    lora_rank: str = typer.Option("0", "--lora-rank", "-r", help="Per-position LoRA rank: 0 (plain recursive), an integer, 'full' (exact), or 'auto' (a rank per linear from the calibrated spectra, to fit --target-params; needs --calibrate)."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="With --lora-rank auto: the converted model's size as a fraction of the source's parameters, e.g. 0.75."),
     lora_init: str = typer.Option("svd", help="LoRA init: svd (truncated SVD of W_l - W_shared) or zero."),
     variant: str = typer.Option("relaxed", help="relaxed (Relaxed Recursive Transformer) or residual (ResidualTransformer)."),
     share_norms: bool = typer.Option(False, "--share-norms", help="Tie norms (and biases) per shared slot instead of per position."),
@@ -52,11 +53,18 @@ def convert(
     import recursify as rf
 
     t0 = time.time()
+    auto = lora_rank == "auto"
+    if auto and (not calibrate or target_params is None):
+        raise CLIError("--lora-rank auto chooses ranks from calibration statistics: pass --calibrate DATA and --target-params")
+    if target_params is not None and not auto:
+        raise CLIError("--target-params needs --lora-rank auto")
+    if init == "calibrated" and not calibrate:
+        raise CLIError("--init calibrated fits the shared weights to calibration statistics: pass --calibrate DATA")
     recursion = rf.RecursionConfig(
         num_loops=loops,
         strategy=strategy,
         init=init,
-        lora_rank=lora_rank,
+        lora_rank=0 if auto else lora_rank,
         lora_init=lora_init,
         variant=variant,
         share_norms=share_norms,
@@ -79,6 +87,14 @@ def convert(
         if damp < 0:
             raise CLIError(f"--damp must be >= 0, got {damp}")
         stats = gather(teacher, tokenizer, split_list(calibrate), num_tokens=calib_tokens)
+        if auto:
+            import dataclasses
+
+            from ..allocate import allocate_ranks
+
+            ranks = allocate_ranks(teacher, recursion, stats, target_params, damp=damp)
+            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
+            console.print("ranks: " + ", ".join(f"{k} {v}" for k, v in ranks.items()))
     elif sequential:
         raise CLIError("--sequential needs --calibrate DATA")
     t1 = time.time()

@@ -1,0 +1,179 @@
+"""Held-out perplexity against wall-clock seconds for each recovery recipe, in one run.
+
+    python benchmarks/recover.py --minutes 6 --recipes plain-kd,calibrated-kd,calibrated-local-kd
+
+Every recipe gets the same budget, counted from the loaded teacher: preparation (calibration
+statistics computed afresh once and charged to every calibrated recipe, conversion, the
+sequential refit), local distillation, then KD through `recursify.train`. Held-out evaluations
+pause the clock. Writes benchmarks/results/recover.json and recover.png.
+
+Recipes: plain-kd (plain SVD conversion, KD), calibrated-kd (calibrated + sequential, KD),
+calibrated-local-kd (the same, then --local-fraction of the training time on local distillation
+before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import recursify as rf
+from recursify.calibrate import calibration_sequences, collect_stats
+from recursify.eval.metrics import perplexity
+from recursify.sequential import sequential_calibrate
+from recursify.train.data import DataConfig, build_datasets
+from recursify.train.local import local_distill
+from recursify.train.trainer import TrainConfig, train
+
+RECIPES = ("plain-kd", "calibrated-kd", "calibrated-local-kd", "allocated-kd")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="corpus/python-docs/train")
+    ap.add_argument("--heldout", default="corpus/python-docs/heldout")
+    ap.add_argument("--recipes", default="plain-kd,calibrated-kd,calibrated-local-kd")
+    ap.add_argument("--minutes", type=float, default=6.0, help="Budget per recipe.")
+    ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--target-params", type=float, default=None,
+                    help="allocated-kd: parameter fraction (default: that of --rank uniform).")
+    ap.add_argument("--local-fraction", type=float, default=0.3)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--seq-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-every", type=int, default=4, help="KD steps between held-out evaluations.")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--out", default="benchmarks/results/recover.json")
+    args = ap.parse_args(argv)
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    budget = 60 * args.minutes
+
+    teacher, tok = rf.load_pretrained(args.model)
+    held, _ = build_datasets(DataConfig(sources=[args.heldout], seq_len=args.seq_len, heldout_fraction=0.0,
+                                        max_tokens=args.eval_tokens), tok)
+    stream = torch.as_tensor(held.read_tokens(0, min(held.num_tokens, args.eval_tokens)).astype("int64"))
+
+    def ppl(model):
+        return perplexity(model, stream, context_len=args.seq_len, stride=args.seq_len)["ppl"]
+
+    seqs = calibration_sequences([args.data], tok, args.calib_tokens, args.seq_len)
+    t0 = time.perf_counter()
+    stats = collect_stats(teacher, seqs)  # never from the cache: its cost is part of the recipes
+    calib_s = time.perf_counter() - t0
+    base = rf.RecursionConfig(num_loops=args.loops, init="average", lora_rank=args.rank)
+    teacher_ppl = ppl(teacher)
+    print(f"teacher held-out ppl {teacher_ppl:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="recursify-recover-"))
+    teacher_dir = work / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    prepared: dict[str, tuple[Path, float]] = {}
+
+    def prepare(kind: str) -> tuple[Path, float]:
+        """The converted model's folder and the seconds it cost (calibration included)."""
+        if kind in prepared:
+            return prepared[kind]
+        t = time.perf_counter()
+        if kind == "plain":
+            model = rf.convert(teacher, base, progress=False)
+        else:
+            recursion = base
+            if kind == "allocated":
+                from recursify.allocate import allocate_ranks, parameter_count
+
+                target = args.target_params or parameter_count(teacher, base) / sum(p.numel() for p in teacher.parameters())
+                recursion = dataclasses.replace(base, lora_rank=0, rank_pattern=allocate_ranks(teacher, base, stats, target))
+                print(f"allocated ranks for {target:.3f} of the teacher: {recursion.rank_pattern}", flush=True)
+            model = rf.convert(teacher, recursion, progress=False, calibration=stats)
+            sequential_calibrate(model, teacher, seqs[: args.seq_tokens // args.seq_len])
+        seconds = time.perf_counter() - t + (0 if kind == "plain" else calib_s)
+        folder = work / kind
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        prepared[kind] = (folder, seconds)
+        return prepared[kind]
+
+    rows = []
+    for recipe in recipes:
+        kind = {"plain-kd": "plain", "allocated-kd": "allocated"}.get(recipe, "calibrated")
+        folder, clock = prepare(kind)
+        student, _ = rf.load_pretrained(str(folder))
+        points = [{"seconds": clock, "ppl": ppl(student), "stage": "converted"}]
+        params = student.parameter_breakdown()["total"]
+        local = None
+        if recipe == "calibrated-local-kd":
+            local_seqs = calibration_sequences([args.data], tok, 65536, args.seq_len)
+            local = local_distill(student, teacher, local_seqs, lr=args.lr, batch_size=args.batch_size,
+                                  max_time=args.local_fraction * (budget - clock))
+            clock += local["seconds"]
+            points.append({"seconds": clock, "ppl": ppl(student), "stage": "local"})
+            folder = work / f"{recipe}-local"
+            student.save_pretrained(folder)
+            tok.save_pretrained(folder)
+        del student
+        kd_out = work / f"{recipe}-kd"
+        result = train(TrainConfig(
+            student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
+            max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=5,
+            eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
+            progress=False))
+        kd_clock = clock
+        for rec in map(json.loads, (kd_out / "metrics.jsonl").read_text().splitlines()):
+            if rec["kind"] == "train":
+                kd_clock += rec["step_s"]
+            elif rec["kind"] == "eval" and rec["step"] > 0:
+                points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
+        row = {"recipe": recipe, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
+               "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prepared[kind][1]}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
+
+    print(f"\nteacher held-out ppl {teacher_ppl:.2f}; {args.minutes:g} minutes per recipe\n")
+    print("| recipe | params | prep s | converted ppl | final ppl | KD tokens |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | {r['points'][0]['ppl']:.4g} | "
+              f"{r['final_ppl']:.4g} | {r['kd_tokens']} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "teacher_ppl": teacher_ppl, "calibration_seconds": calib_s,
+                               "rows": rows}, indent=1))
+    plot(rows, teacher_ppl, out.with_suffix(".png"), args.minutes)
+    return 0
+
+
+def plot(rows, teacher_ppl, path: Path, minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot([p["seconds"] for p in r["points"]], [p["ppl"] for p in r["points"]], marker="o", ms=3, label=r["recipe"])
+    ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall-clock seconds (evaluation excluded)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"Recovery per recipe, {minutes:g} minutes each")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

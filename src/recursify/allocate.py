@@ -1,0 +1,106 @@
+"""Rank allocation: spend a parameter budget where the layers' outputs gain the most.
+
+A uniform rank gives every linear the same number of components, although the spectra of
+Delta_l C_l Delta_l^T differ widely between linears: some are nearly low-rank, others flat. The
+k-th eigenvalue is exactly how much output error the k-th component removes (the calibrated
+closed form keeps the top ones), so with every linear's error measured relative to its own output
+energy, trace(W_l C_l W_l^T), the gains are comparable, and a greedy choice by gain per parameter
+is optimal because each linear's gains only decrease with rank.
+
+One rank per linear, the same for every position, so the adapters keep their stacked layout.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from .calibrate import CalibrationStats, _damped
+from .config import ConfigError, Layout, RecursionConfig
+from .families import detect_family
+from .modeling import RecursiveForCausalLM, lora_targets
+
+
+def parameter_count(source, recursion: RecursionConfig) -> int:
+    """Parameters of the recursive model `recursion` describes, counted without building weights."""
+    from .convert import build_config
+
+    with torch.device("meta"):
+        model = RecursiveForCausalLM(build_config(source, recursion))
+    return model.parameter_breakdown()["total"]
+
+
+@torch.no_grad()
+def relative_spectra(source, recursion: RecursionConfig, calibration: CalibrationStats,
+                     damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """Per target linear, the output error each successive component removes, summed over positions
+    as fractions of each position's output energy: [min(d_in, d_out)], non-increasing.
+
+    Shared weights follow `recursion.init` (the calibrated fit at rank 0, since the ranks are what
+    is being chosen).
+    """
+    from .convert import shared_weights
+
+    if recursion.init == "random":
+        raise ConfigError("rank allocation reads the weight differences to the shared weights: use a non-random init")
+    family = detect_family(source.config)
+    layers = list(source.get_submodule(family.layers))
+    layout = Layout.build(len(layers), recursion)
+    spectra = {}
+    for name in lora_targets(family, recursion):
+        W = torch.stack([layer.get_submodule(family.linears[name]).weight.float() for layer in layers])
+        C = _damped(calibration.of(name).double().to(W.device), damp)
+        shared = shared_weights(W, layout, recursion.init, calibration.of(name), 0, damp)
+        D = (W - shared[list(layout.slot_of_position)]).double()
+        out_f, in_f = D.shape[1:]
+        if out_f <= in_f:
+            ev = torch.linalg.eigvalsh(D @ C @ D.transpose(1, 2))
+        else:
+            w, Q = torch.linalg.eigh(C)
+            root = (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(1, 2)
+            M = D @ root
+            ev = torch.linalg.eigvalsh(M.transpose(1, 2) @ M)
+        energy = torch.einsum("loi,lij,loj->l", W.double(), C, W.double()).clamp(min=1e-30)
+        spectra[name] = (ev.flip(-1).clamp(min=0) / energy.unsqueeze(-1)).sum(0).cpu()
+    return spectra
+
+
+def allocate_ranks(source, recursion: RecursionConfig, calibration: CalibrationStats, target_params: float,
+                   damp: float = 0.01) -> dict[str, int]:
+    """Per-linear ranks (a `rank_pattern`) keeping the most output energy within
+    `target_params` x the source model's parameters."""
+    if not 0 < target_params <= 1:
+        raise ConfigError(f"--target-params is a fraction of the source model's parameters in (0, 1], got {target_params}")
+    teacher = sum(p.numel() for p in {id(p): p for p in source.parameters()}.values())
+    family = detect_family(source.config)
+    base_cfg = RecursionConfig.from_dict({**recursion.to_dict(), "lora_rank": 0, "rank_pattern": None})
+    base = parameter_count(source, base_cfg)
+    budget = int(target_params * teacher) - base
+    if budget < 0:
+        raise ConfigError(f"--target-params {target_params:g} is {target_params * teacher / 1e6:.1f}M parameters, but even "
+                          f"rank 0 has {base / 1e6:.1f}M ({base / teacher:.1%} of the source): use more loops or a larger target")
+    spectra = relative_spectra(source, recursion, calibration, damp)
+    positions = len(list(source.get_submodule(family.layers)))
+    layer = next(iter(source.get_submodule(family.layers)))
+    cost = {}
+    for name in spectra:
+        w = layer.get_submodule(family.linears[name]).weight
+        cost[name] = positions * (w.shape[0] + w.shape[1])
+    ranks = {name: 0 for name in spectra}
+    heap = [(-float(s[0]) / cost[n], n) for n, s in spectra.items() if len(s)]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        if cost[name] > budget:
+            continue  # this linear's next component no longer fits; cheaper ones may
+        budget -= cost[name]
+        ranks[name] += 1
+        if ranks[name] < len(spectra[name]):
+            heapq.heappush(heap, (-float(spectra[name][ranks[name]]) / cost[name], name))
+    return ranks
+
+
+def captured_energy(spectra: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
+    """Sum over linears of the relative output energy the chosen ranks remove (the greedy's objective)."""
+    return float(sum(spectra[n][: ranks.get(n, 0)].sum() for n in spectra))
