@@ -35,7 +35,7 @@ from recursify.train.losses import (
     kd_loss,
     next_token_labels,
 )
-from recursify.train.trainer import TrainConfig, TrainError, list_checkpoints, main, train
+from recursify.train import TrainConfig, TrainError, list_checkpoints, main, train
 from tiny_models import COMMON, make
 
 SEQ = 16
@@ -215,7 +215,7 @@ def test_training_reduces_heldout_loss_and_writes_a_checkpoint(fx, tmp_path):
 
 
 def test_fit_steps_to_time_by_hand():
-    from recursify.train.trainer import fit_steps_to_time
+    from recursify.train.config import fit_steps_to_time
 
     assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=100) == 8
     assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=5) == 5
@@ -511,7 +511,7 @@ def test_fsdp_two_processes_match_one_and_resume(fx, tmp_path):
 
 def test_fsdp_checkpoint_resumed_without_fsdp_is_refused(fx, tmp_path):
     """Its optimizer state is keyed by parameter name, not by position: say so rather than fail inside torch."""
-    from recursify.train.trainer import _hash_file
+    from recursify.train.checkpoint import _hash_file
 
     out = tmp_path / "run"
     kw = dict(max_tokens=8 * SEQ * 2, save_every=2, eval_every=-1)

@@ -109,6 +109,30 @@ def check_causal(model, name: str) -> None:
                              f"({type(model).__name__} attends both ways)")
 
 
+def vocabulary_mismatch(model, tokenizer, other, other_tokenizer, name: str = "student") -> str | None:
+    """Why `other` (a teacher) cannot be compared with `model` logit by logit, or None if it can.
+
+    Distillation's KL and evaluation's agreement index both models' logits by the same token ids,
+    so they need as many logits and tokenizers that turn any text into the same ids. The reason
+    reads after the other model's name: "teacher X <reason>".
+    """
+    vs = model.get_output_embeddings().weight.shape[0]
+    vt = other.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        return f"has a vocabulary of {vt} logits but the {name} has {vs}"
+    if len(tokenizer) != len(other_tokenizer):
+        return f"tokenizer has {len(other_tokenizer)} tokens but the {name}'s has {len(tokenizer)}"
+    if tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        return f"tokenizer maps tokens to different ids than the {name}'s"
+    probe = "The quick brown fox jumps over the lazy dog. def f(x):\n    return x ** 2  # 1234 é 中"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    other_ids = other_tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = lambda t: (t.eos_token_id, t.bos_token_id)  # noqa: E731
+    if ids != other_ids or special(tokenizer) != special(other_tokenizer):
+        return f"tokenizes text differently from the {name} (same vocabulary size, different token ids)"
+    return None
+
+
 def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file."""
     import transformers

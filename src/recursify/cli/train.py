@@ -31,7 +31,7 @@ def train_command(ctx: typer.Context, student: Optional[str] = typer.Argument(No
 @app.command()
 def plot(run_dir: Path = typer.Argument(..., help="A training output folder (with metrics.jsonl).")):
     """Plot the loss curves of a training run to RUN_DIR/loss.png."""
-    from ..train.plot import plot_metrics
+    from ..train.metrics import plot_metrics
 
     if not (run_dir / "metrics.jsonl").exists():
         raise CLIError(f"{run_dir} has no metrics.jsonl: not a training run folder")

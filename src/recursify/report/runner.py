@@ -201,7 +201,7 @@ class ReportRunner:
         """Uptrain a saved copy of `model` with the ordinary trainer: (trained model, training facts, work folder)."""
         import recursify as rf
 
-        from ..train.trainer import TrainConfig, train
+        from ..train import TrainConfig, train
 
         b = self.budget
         work = self.cache / "work" / cell.key
