@@ -2,7 +2,7 @@
 
 Kept in separate layers, as in vLLM: `request` (what is asked), `kv_cache` (fixed-budget memory),
 `scheduler` (what runs each step), `runner` (one batched forward), `exit_policy` (when a token
-leaves early), `sampling`, and `engine`
+leaves early), `sampling`, `speculative` (lossless self-speculative decoding at batch 1) and `engine`
 (the loop tying them together, sync and async).
 """
 
@@ -12,6 +12,7 @@ from .request import ParamError, Request, RequestOutput, SamplingParams
 from .exit_policy import EXIT_MODES, ExitConfig, ExitPolicy, resolve_exit
 from .runner import ModelRunner, kv_projection
 from .scheduler import QueueFullError, Scheduler, WorkItem
+from .speculative import SelfSpeculativeDecoder, SpeculativeStats
 
 __all__ = [
     "AsyncLLMEngine",
@@ -29,6 +30,8 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "Scheduler",
+    "SelfSpeculativeDecoder",
+    "SpeculativeStats",
     "StepStats",
     "WorkItem",
     "kv_projection",
