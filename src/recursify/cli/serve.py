@@ -15,8 +15,8 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_batch: int = typer.Option(8, help="Concurrent sequences (KV-cache slots)."),
-    exit_threshold: Optional[float] = typer.Option(None, help="Early exit when the intermediate max softmax probability ≥ this."),
-    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, oracle."),
+    exit_threshold: Optional[float] = typer.Option(None, help="Early-exit threshold in (0, 1]: the exit rule's score must reach it."),
+    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, saturation, oracle."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion (default: the model's context)."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
@@ -30,7 +30,7 @@ def serve(
 
 @app.command("bench-serve", context_settings=PASSTHROUGH, add_help_option=False)
 def bench_serve(ctx: typer.Context):
-    """Serving benchmark: throughput, TTFT/TPOT and early-exit quality, rows (a)-(f). Options: see --help."""
+    """Serving benchmark: throughput, TTFT/TPOT, exit policies' speed and agreement; --student PATH. Options: see --help."""
     from ..bench.serve import main as bench_main
 
     bench_main(list(ctx.args), prog="recursify bench-serve")
