@@ -19,7 +19,7 @@ import recursify as rf
 from recursify.calibrate import calibrate, calibration_sequences
 from recursify.sequential import sequential_calibrate
 from recursify.eval.metrics import perplexity
-from recursify.train.data import DataConfig, build_datasets
+from recursify.data import DataConfig, build_datasets
 
 
 def main(argv=None) -> int:

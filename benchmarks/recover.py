@@ -27,7 +27,7 @@ import recursify as rf
 from recursify.calibrate import calibration_sequences, collect_stats
 from recursify.eval.metrics import perplexity
 from recursify.sequential import sequential_calibrate
-from recursify.train.data import DataConfig, build_datasets
+from recursify.data import DataConfig, build_datasets
 from recursify.train.local import local_distill
 from recursify.train.trainer import TrainConfig, train
 

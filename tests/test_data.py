@@ -1,4 +1,4 @@
-"""Tests for the training data pipeline (recursify.train.data), on a tiny offline tokenizer."""
+"""Tests for the training data pipeline (recursify.data), on a tiny offline tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from recursify.train.data import (
+from recursify.data import (
     DataConfig,
     DataError,
     PackedDataset,

@@ -276,7 +276,7 @@ def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len:
                           cache_dir: str | None = None) -> torch.Tensor:
     """[n, seq_len] token ids from the training side of `sources` (the documents the trainer
     would train on, never its held-out ones), at most `num_tokens` in all."""
-    from .train.data import DataConfig, DataError, build_datasets
+    from .data import DataConfig, DataError, build_datasets
 
     if num_tokens < seq_len:
         raise CalibrationError(f"calibration needs at least one sequence: num_tokens={num_tokens} < seq_len={seq_len}")

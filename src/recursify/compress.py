@@ -124,7 +124,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     from .calibrate import cached_stats, calibration_sequences, stats_path
     from .eval.metrics import perplexity, teacher_agreement
     from .hub import atomic_dir, cache_root, load_pretrained
-    from .train.data import DataConfig, DataError, build_datasets
+    from .data import DataConfig, DataError, build_datasets
     from .train.trainer import TrainConfig, TrainError, train
 
     cfg.validate()

@@ -79,7 +79,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
     import recursify as rf
 
     from ..hub import check_causal
-    from ..train.data import DataConfig, build_datasets, iter_documents, overlap_report
+    from ..data import DataConfig, build_datasets, iter_documents, overlap_report
     from .harness import run_paper_tasks
     from .metrics import cloze_accuracy, count_parameters, peak_memory, perplexity, teacher_agreement
 

@@ -91,7 +91,7 @@ class ReportRunner:
         from ..config import ConfigError, Layout, RecursionConfig
         from ..families import UnsupportedModelError, detect_family
         from ..hub import atomic_dir, check_causal
-        from ..train.data import DataConfig, DataError, PackedDataset, build_datasets, overlap_report
+        from ..data import DataConfig, DataError, PackedDataset, build_datasets, overlap_report
 
         try:
             self.teacher, self.tok = rf.load_pretrained(self.cfg.model)

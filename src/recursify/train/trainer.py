@@ -18,7 +18,7 @@ tests run it on 2 CPU processes, but accelerate itself enables FSDP only on GPUs
 5. save the final model as an ordinary recursify checkpoint in ``out/``.
 
 Exactness of resume rests on three facts: batches are a pure function of (seed, step)
-(:func:`recursify.train.data.batches`), the LR is a pure function of the step, and a checkpoint holds
+(:func:`recursify.data.batches`), the LR is a pure function of the step, and a checkpoint holds
 the exact model and optimizer tensors. So a run killed at any point and resumed logs the same
 per-step losses as one that never stopped (checked by tests/test_train.py with a real kill).
 
@@ -149,7 +149,7 @@ def _setup(cfg: TrainConfig) -> Setup:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import DataConfig, DataError, build_datasets
+    from ..data import DataConfig, DataError, build_datasets
     from ..hub import vocabulary_mismatch
 
     cfg.validate()
@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     """
     from tqdm.auto import tqdm
 
-    from .data import batches
+    from ..data import batches
 
     run = _setup(cfg)
     accelerator, out = run.accelerator, Path(cfg.out)
