@@ -357,7 +357,7 @@ def test_serve_refuses_what_is_not_a_causal_lm_folder(tmp_path):
 
 
 def test_a_hugging_face_folder_is_served_as_its_one_loop_conversion(tmp_path):
-    from recursify.server import load_for_serving
+    from recursify.hub import load_for_serving
 
     source = make("qwen2")
     source.save_pretrained(tmp_path / "hf")
@@ -372,7 +372,8 @@ def test_a_hugging_face_folder_is_served_as_its_one_loop_conversion(tmp_path):
 DRAIN_SCRIPT = r"""
 import sys, time, torch, uvicorn
 from recursify.engine import LLMEngine
-from recursify.server import create_app, load_for_serving
+from recursify.hub import load_for_serving
+from recursify.server import create_app
 torch.set_num_threads(1)
 model, tok = load_for_serving(sys.argv[1])
 engine = LLMEngine(model, tok, max_batch=2, max_model_len=64)

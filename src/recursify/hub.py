@@ -161,3 +161,39 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, devic
     if device:
         model.to(device)
     return model, tokenizer
+
+
+def load_for_serving(checkpoint: str):
+    """(RecursiveForCausalLM, tokenizer) from a recursify checkpoint, a Hugging Face causal-LM
+    folder (served as its exact num_loops=1 conversion) or a bundled model name.
+
+    Raises ValueError with one line, before any weights are read, when it is none of those.
+    """
+    from .config import RecursionConfig
+    from .convert import convert
+    from .families import detect_family
+
+    def one_line(e: BaseException) -> str:
+        text = str(e).strip()
+        return text.splitlines()[0] if text else type(e).__name__
+
+    path = Path(checkpoint)
+    if checkpoint not in BUNDLED:
+        if not path.is_dir():
+            raise ValueError(f"{checkpoint}: not a directory; serve needs a recursify checkpoint or a Hugging Face causal-LM folder")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{checkpoint}: no config.json, so not a recursify checkpoint or a Hugging Face causal-LM folder")
+    try:
+        config = load_config(checkpoint)
+    except ModelLoadError as e:
+        raise ValueError(one_line(e)) from None
+    try:
+        if getattr(config, "model_type", None) == "recursify":
+            model, tokenizer = load_pretrained(checkpoint)
+        else:
+            detect_family(config)  # unsupported architectures fail here, cheaply
+            source, tokenizer = load_pretrained(checkpoint)
+            model = convert(source, RecursionConfig(num_loops=1), progress=False)
+    except (ModelLoadError, ValueError, OSError) as e:
+        raise ValueError(f"{checkpoint}: {one_line(e)}") from None
+    return model, tokenizer
