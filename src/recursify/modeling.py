@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import Layout, RecursiveConfig
 from .families import arch_from_config, family_by_name, hf_config_from_dict, rotary_embedding
+from .layer_math import apply_norm, causal_masks, rotate, scaled_attention
 from .lora import DepthwiseDiagonal, DepthwiseLoRA
 
 Position = int | torch.Tensor
@@ -190,23 +191,10 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             shape = (index.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[-1],)
             w = w.index_select(0, index).view(shape)
             b = b.index_select(0, index).view(shape) if b is not None else None
-        return self._apply_norm(x, w, b)
-
-    def _apply_norm(self, x, w, b=None):
-        kind = self.family.norm_kind
-        eps = self.arch.eps
-        if kind == "layernorm":
-            if w.dim() == 1:
-                return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-            return F.layer_norm(x, (x.shape[-1],), None, None, eps) * w + b
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        if kind == "rms_gemma":
-            return (xf * (1.0 + w.float())).type_as(x)
-        return w * xf.to(x.dtype)
+        return apply_norm(x, w, b, self.family.norm_kind, self.arch.eps)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self._apply_norm(h, self.final_norm_weight, self.final_norm_bias)
+        return apply_norm(h, self.final_norm_weight, self.final_norm_bias, self.family.norm_kind, self.arch.eps)
 
     def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Prediction from a residual stream at any loop boundary: shared final norm + LM head."""
@@ -257,14 +245,6 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         cs = self.rotary_emb(h, position_ids)
         return {False: cs, True: cs}
 
-    @staticmethod
-    def _rotate(x, cos, sin):
-        d = cos.shape[-1]
-        x_rot, x_pass = x[..., :d], x[..., d:]
-        x1, x2 = x_rot[..., : d // 2], x_rot[..., d // 2 :]
-        x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
-
     def position_rope(self, position: Position, rope: dict):
         """(cos, sin, is_sliding) for `position` (an int, or one per row), cos/sin shaped for heads."""
         if isinstance(position, int):
@@ -296,8 +276,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
                 q = self._norm("q_norm", q, ni) if queries else None
             q = q.transpose(1, 2) if queries else None
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        q = self._rotate(q, cos, sin) if queries else None
-        return q, self._rotate(k, cos, sin), v
+        q = rotate(q, cos, sin) if queries else None
+        return q, rotate(k, cos, sin), v
 
     def layer_forward(
         self,
@@ -335,17 +315,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
     def attention_scores(self, q, k, v, mask):
         """Scaled dot-product attention with GQA expansion, soft-capping where the family has it."""
-        a = self.arch
-        if a.num_kv_heads != a.num_heads:
-            k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
-            v = v.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
-        if a.attn_softcap:
-            w = torch.matmul(q, k.transpose(2, 3)) * a.scaling
-            w = torch.tanh(w / a.attn_softcap) * a.attn_softcap
-            w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
-            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            return torch.matmul(w, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling)
+        return scaled_attention(q, k, v, mask, self.arch)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -354,23 +324,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         return h
 
     def build_masks(self, attention_mask, batch: int, seq: int, past: int, device) -> dict[bool, torch.Tensor]:
-        """Boolean masks [batch, 1, seq, past+seq] for full and sliding layers.
-
-        Causality is on cache indices, as in Hugging Face; a fully padded query row may attend to
-        itself so that padding never produces NaNs that would leak through the cache.
-        """
-        total = past + seq
-        q_idx = torch.arange(past, total, device=device).view(1, 1, seq, 1)
-        k_idx = torch.arange(total, device=device).view(1, 1, 1, total)
-        mask = k_idx <= q_idx
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, -total:].bool().view(batch, 1, 1, total)
-        mask = mask | (k_idx == q_idx)
-        mask = mask.expand(batch, 1, seq, total)
-        sliding = mask
-        if self.arch.sliding_window:
-            sliding = mask & ((q_idx - k_idx) < self.arch.sliding_window)
-        return {False: mask, True: sliding}
+        """Boolean masks [batch, 1, seq, past+seq] for full and sliding layers (`causal_masks`)."""
+        return causal_masks(attention_mask, batch, seq, past, device, self.arch.sliding_window)
 
     # ------------------------------------------------------------------ forward
     def forward(
