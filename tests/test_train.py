@@ -26,16 +26,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import recursify as rf
-from recursify.train.losses import (
-    LossConfig,
-    ce_loss,
-    distillation_loss,
-    exit_weights,
-    kd_ce_loss,
-    kd_loss,
-    next_token_labels,
-)
 from recursify.train import TrainConfig, TrainError, list_checkpoints, main, train
+from recursify.train.losses import LossConfig, distillation_loss, exit_weights, next_token_labels
+from loss_reference import ce_loss, kd_ce_loss, kd_loss
 from tiny_models import COMMON, make
 
 SEQ = 16

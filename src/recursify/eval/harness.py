@@ -181,25 +181,3 @@ def _quiet_lm_eval():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def format_table(results: dict, title: str | None = "Paper benchmarks"):
-    """A rich ``Table`` of ``run_paper_tasks`` output: one row per task, then the average (in %)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("Task")
-    table.add_column("Metric")
-    table.add_column("Score (%)", justify="right")
-    table.add_column("± stderr", justify="right")
-    table.add_column("N", justify="right")
-    table.add_column("Notes")
-    for name, r in results["tasks"].items():
-        stderr = "" if r["stderr"] is None else f"{100 * r['stderr']:.2f}"
-        notes = f"ppl {r['metrics']['perplexity']:.2f}" if "perplexity" in r["metrics"] else ""
-        table.add_row(
-            DISPLAY_NAMES.get(name, name), r["metric"], f"{100 * r['value']:.2f}", stderr, str(r["n"]), notes
-        )
-    table.add_section()
-    table.add_row("Average", "", f"{100 * results['average']:.2f}", "", "", "")
-    return table
