@@ -67,19 +67,11 @@ def parse_tasks(tasks: list[str] | str) -> tuple[list[str], list[str]]:
     return ours, bench
 
 
-def check_same_vocabulary(tok, teacher_tok, names=("model", "teacher")) -> None:
-    if tok.get_vocab() != teacher_tok.get_vocab():
-        raise EvalError(
-            f"the {names[1]}'s tokenizer differs from the {names[0]}'s ({len(teacher_tok)} vs {len(tok)} tokens): "
-            "KL and agreement would compare different vocabularies"
-        )
-
-
 def evaluate(cfg: EvalConfig, console=None) -> dict:
     import recursify as rf
 
-    from ..hub import check_causal
     from ..data import DataConfig, build_datasets, iter_documents, overlap_report
+    from ..hub import check_causal, vocabulary_mismatch
     from .harness import run_paper_tasks
     from .metrics import cloze_accuracy, count_parameters, peak_memory, perplexity, teacher_agreement
 
@@ -102,7 +94,10 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         with status(f"loading teacher {cfg.teacher}"):
             teacher, teacher_tok = rf.load_pretrained(cfg.teacher)
             check_causal(teacher, cfg.teacher)
-        check_same_vocabulary(tok, teacher_tok)
+        problem = vocabulary_mismatch(model, tok, teacher, teacher_tok, name="model")
+        if problem:
+            raise EvalError(f"the teacher's tokenizer differs from the model's (the teacher {problem}): "
+                            "KL and agreement would compare different vocabularies")
     result: dict = {"model": cfg.model, "teacher": cfg.teacher, "config": asdict(cfg)}
     result["params"] = count_parameters(model)
     result["params_non_embedding"] = count_parameters(model, exclude_embeddings=True)
