@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate.py --model smollm2-135m --data corpus/python-docs/train \
         --heldout corpus/python-docs/heldout --ranks 64,256 --inits average,stepwise
+    python benchmarks/calibrate.py --ranks 64 --inits average,calibrated [--allocate]
 
 Prints a table and writes benchmarks/results/calibrate.json.
 """
@@ -9,6 +10,7 @@ Prints a table and writes benchmarks/results/calibrate.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 import recursify as rf
+from recursify.allocate import allocate_ranks, parameter_count
 from recursify.calibrate import calibrate, calibration_sequences
 from recursify.sequential import sequential_calibrate
 from recursify.eval.metrics import perplexity
@@ -34,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--allocate", action="store_true",
+                    help="Per-linear ranks (recursify.allocate) at each uniform rank's parameter count.")
     ap.add_argument("--out", default="benchmarks/results/calibrate.json")
     args = ap.parse_args(argv)
 
@@ -52,8 +57,15 @@ def main(argv=None) -> int:
     for init in args.inits.split(","):
         for rank in args.ranks.split(","):
             cfg = rf.RecursionConfig(num_loops=args.loops, init=init, lora_rank=rank)
-            row = {"init": init, "rank": cfg.lora_rank}
+            ranks = "uniform"
+            if args.allocate:  # the same parameter count, ranks chosen per linear
+                target = parameter_count(teacher, cfg) / sum(p.numel() for p in teacher.parameters())
+                cfg = dataclasses.replace(cfg, lora_rank=0, rank_pattern=allocate_ranks(teacher, cfg, stats, target))
+                ranks = cfg.rank_pattern
+            row = {"init": init, "rank": rank, "ranks": ranks, "plain_ppl": None, "ratio": None, "ratio_sequential": None}
             for name, kw in (("plain", {}), ("calibrated", {"calibration": stats}), ("sequential", {"calibration": stats})):
+                if name == "plain" and init == "calibrated":
+                    continue  # a calibrated init has no plain counterpart
                 t0 = time.perf_counter()
                 model = rf.convert(teacher, cfg, progress=False, **kw)
                 if name == "sequential":
@@ -62,19 +74,22 @@ def main(argv=None) -> int:
                 row[f"{name}_convert_s"] = time.perf_counter() - t0
                 row[f"{name}_ppl"] = ppl(model)
                 row["params"] = model.parameter_breakdown()["total"]
-            row["ratio"] = row["plain_ppl"] / row["calibrated_ppl"]
-            row["ratio_sequential"] = row["plain_ppl"] / row["sequential_ppl"]
+            if row["plain_ppl"] is not None:
+                row["ratio"] = row["plain_ppl"] / row["calibrated_ppl"]
+                row["ratio_sequential"] = row["plain_ppl"] / row["sequential_ppl"]
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\nteacher held-out ppl {rows[0]['ppl']:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s "
           f"(0 s when cached)\n")
+    g = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
     print("| init | rank | params | plain ppl | calibrated ppl | + sequential ppl | plain / calibrated | "
           "plain / sequential | convert s (calibrated / sequential) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
-        print(f"| {r['init']} | {r['rank']} | {r['params'] / 1e6:.1f}M | {r['plain_ppl']:.3g} | "
-              f"{r['calibrated_ppl']:.3g} | {r['sequential_ppl']:.3g} | {r['ratio']:.3g} | {r['ratio_sequential']:.3g} | "
+        rank = r["rank"] if r["ranks"] == "uniform" else f"allocated ({r['rank']}-equivalent)"
+        print(f"| {r['init']} | {rank} | {r['params'] / 1e6:.1f}M | {g(r['plain_ppl'])} | "
+              f"{g(r['calibrated_ppl'])} | {g(r['sequential_ppl'])} | {g(r['ratio'])} | {g(r['ratio_sequential'])} | "
               f"{r['calibrated_convert_s']:.0f} / {r['sequential_convert_s']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "calibration_seconds": calib_s,
