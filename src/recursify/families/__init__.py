@@ -14,49 +14,11 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .registry import Family, UnsupportedModelError, detect_family, family_by_name, register, supported_model_types
+from . import gemma, llama, neox  # noqa: F401  (importing each registers its family)
 
-class UnsupportedModelError(ValueError):
-    """The source model is not a decoder-only family recursify knows."""
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # dotted path of the decoder-layer ModuleList in the HF causal LM
-    final_norm: str
-    linears: dict[str, str]  # short name -> path inside a decoder layer
-    norms: dict[str, str]  # short name -> path inside a decoder layer
-    norm_kind: str  # "rms" (w * x), "rms_gemma" ((1 + w) * x, in fp32), "layernorm" (w * x + b)
-    residual: str  # "sequential", "sandwich" (Gemma 2/3 post-norms) or "parallel" (GPT-NeoX)
-    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
-    fused_qkv: bool = False  # GPT-NeoX: one [3*heads*head_dim, hidden] projection, per-head interleaved
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    _FAMILIES[family.name] = family
-    return family
-
-
-def family_by_name(name: str) -> Family:
-    return _FAMILIES[name]
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for f in _FAMILIES.values() for t in f.model_types)
-
-
-def detect_family(config: PretrainedConfig) -> Family:
-    model_type = getattr(config, "model_type", None)
-    for family in _FAMILIES.values():
-        if model_type in family.model_types:
-            return family
-    raise UnsupportedModelError(
-        f"model type {model_type!r} is not supported; recursify supports: {', '.join(supported_model_types())}"
-    )
+__all__ = ["Arch", "Family", "UnsupportedModelError", "arch_from_config", "detect_family", "family_by_name",
+           "hf_config_from_dict", "register", "rotary_embedding", "supported_model_types"]
 
 
 @dataclass
@@ -173,5 +135,3 @@ def rotary_embedding(config: PretrainedConfig):
         raise UnsupportedModelError(f"no rotary embedding found for {config.model_type!r}")
     return candidates[0](config)
 
-
-from . import gemma, llama, neox  # noqa: E402,F401  (registration)

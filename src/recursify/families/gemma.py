@@ -4,7 +4,7 @@ Gemma 2 and 3 add sandwich norms (post-attention and post-MLP), alternating slid
 layers and soft-capping (Gemma 2); Gemma 3 adds q/k norms and a local RoPE base.
 """
 
-from . import Family, register
+from .registry import Family, register
 
 _LINEARS = {
     "q": "self_attn.q_proj",

@@ -1,6 +1,6 @@
 """Llama family: Llama, Mistral, Qwen2, Qwen3, SmolLM. Pre-norm RMSNorm, gated SiLU MLP."""
 
-from . import Family, register
+from .registry import Family, register
 
 LLAMA = register(
     Family(

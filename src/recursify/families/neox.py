@@ -1,6 +1,6 @@
 """GPT-NeoX / Pythia: LayerNorm with bias, fused per-head QKV, partial rotary, parallel residual."""
 
-from . import Family, register
+from .registry import Family, register
 
 NEOX = register(
     Family(
