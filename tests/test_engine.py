@@ -20,7 +20,6 @@ from recursify.engine import (
     ParamError,
     QueueFullError,
     SamplingParams,
-    kv_projection,
 )
 from tiny_models import make
 
@@ -60,13 +59,13 @@ class LoopLog:
 
     def __init__(self, engine):
         self.steps = []
-        inner = engine.runner.step
+        inner = engine.runner.execute_model
 
-        def step(items):
-            self.steps.append([(it.request.request_id, it.loop, it.length) for it in items])
-            return inner(items)
+        def step(batch):
+            self.steps.append([(r.request_id, r.loop, r.length) for r in batch.rows])
+            return inner(batch)
 
-        engine.runner.step = step
+        engine.runner.execute_model = step
 
     def mixed_loop_steps(self):
         return [s for s in self.steps if len({loop for _, loop, _ in s}) > 1]
@@ -205,7 +204,7 @@ def test_kv_projection_matches_the_keys_layer_forward_attends_with(family, strat
     positions = torch.tensor(model.layout.positions_of_slot(model.layout.edge)[:2])
     slot = model.layout.slot_of_position[int(positions[0])]
     model.layer_forward(slot, positions, h, rope, attend)
-    k, v = kv_projection(model, slot, positions, h, rope)
+    k, v = model.kv_projection(slot, positions, h, rope)
     torch.testing.assert_close(k, seen["kv"][0])
     torch.testing.assert_close(v, seen["kv"][1])
 
@@ -231,23 +230,23 @@ def test_every_tensor_a_step_builds_follows_the_model_device():
     assert engine.cache.k.device == engine.cache.v.device == device
     log = LoopLog(engine)
     seen = {"write": set(), "hidden": set(), "logits": set()}
-    cache_write, runner_step, engine_step = engine.cache.write, engine.runner.step, engine.step
+    cache_write, runner_step, engine_step = engine.cache.write, engine.runner.execute_model, engine.step
 
     def write(*args):
         seen["write"].update(a.device for a in args)
         cache_write(*args)
 
-    def step_runner(items):
-        emissions, completed = runner_step(items)
-        seen["hidden"].update(it.hidden.device for it in items if it.hidden is not None)
-        seen["logits"].update(em.logits.device for em in emissions)
-        return emissions, completed
+    def step_runner(batch):
+        output = runner_step(batch)
+        seen["hidden"].update(o.hidden.device for o in output.rows if o.hidden is not None)
+        seen["logits"].update(o.logits.device for o in output.rows if o.logits is not None)
+        return output
 
     def step():
         with torch.device("meta"):
             return engine_step()
 
-    engine.cache.write, engine.runner.step, engine.step = write, step_runner, step
+    engine.cache.write, engine.runner.execute_model, engine.step = write, step_runner, step
     assert outputs(engine) == expected
     assert log.mixed_loop_steps()
     assert seen["write"] == seen["hidden"] == {device}

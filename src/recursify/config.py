@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 from transformers import PretrainedConfig
 
@@ -100,6 +100,20 @@ class RecursionConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+PRELUDE, BLOCK, CODA = "prelude", "block", "coda"
+STAGES = (PRELUDE, BLOCK, CODA)
+
+
+class LayerStep(NamedTuple):
+    """One unrolled position as an executor runs it (see `Layout.schedule`)."""
+
+    position: int
+    slot: int
+    loop: int  # the loop it runs in: prelude in the first, coda in the last
+    stage: str  # PRELUDE, BLOCK or CODA
+    loop_end: bool  # its output is the residual stream at the end of `loop` (an exit point)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each unrolled position of the recursive model takes its shared weights from.
@@ -157,6 +171,37 @@ class Layout:
     def loopable(self) -> bool:
         """Whether one loop is a contiguous pass over the block (needed for exits and depth batching)."""
         return self.strategy.endswith("cycle") or self.num_loops == 1
+
+    @property
+    def schedule_loops(self) -> int:
+        """Loops an executor steps through: num_loops, or 1 when there is no loop boundary."""
+        return self.num_loops if self.loopable else 1
+
+    def schedule(self) -> tuple[LayerStep, ...]:
+        """The order every executor runs the unrolled positions in: the model's forward walks it
+        whole, the serving engine one loop per step (`loop_steps`), so both loop the same way.
+
+        Without loop boundaries (sequence strategies) it is one loop of all positions in order.
+        The last loop ends after the coda, so its loop end is the full model's output.
+        """
+        L, last = self.num_layers, self.schedule_loops - 1
+        if not self.loopable:
+            return tuple(LayerStep(p, s, 0, BLOCK, p == L - 1) for p, s in enumerate(self.slot_of_position))
+        e, K = self.edge, self.block_size
+        steps = []
+        for p, slot in enumerate(self.slot_of_position):
+            if p < e:
+                steps.append(LayerStep(p, slot, 0, PRELUDE, False))
+            elif p >= L - e:
+                steps.append(LayerStep(p, slot, last, CODA, p == L - 1))
+            else:
+                b, k = divmod(p - e, K)
+                steps.append(LayerStep(p, slot, b, BLOCK, k == K - 1 and (b < last or not e)))
+        return tuple(steps)
+
+    def loop_steps(self, loop: int) -> tuple[LayerStep, ...]:
+        """What one pass of loop `loop` runs, prelude and coda included where they belong."""
+        return tuple(st for st in self.schedule() if st.loop == loop)
 
     def positions_of_slot(self, slot: int) -> list[int]:
         return [p for p, s in enumerate(self.slot_of_position) if s == slot]

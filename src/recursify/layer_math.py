@@ -32,15 +32,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
-def causal_masks(attention_mask, batch: int, seq: int, past: int, device, sliding_window: int | None
-                 ) -> dict[bool, torch.Tensor]:
-    """Boolean masks [batch, 1, seq, past+seq] for full (False) and sliding (True) layers.
+def causal_masks(attention_mask, batch: int, seq: int, past, device, sliding_window: int | None,
+                 total: int | None = None) -> dict[bool, torch.Tensor]:
+    """Boolean masks [batch, 1, seq, total] for full (False) and sliding (True) layers.
 
-    Causality is on cache indices, as in Hugging Face; a fully padded query row may attend to
-    itself so that padding never produces NaNs that would leak through the cache.
+    `past` is the cache index of the first query: an int, or a LongTensor[batch] when rows start
+    at different indices (the serving engine); `total` keys (default past + seq). Causality is on
+    cache indices, as in Hugging Face; a fully padded query row may attend to itself so that
+    padding never produces NaNs that would leak through the cache.
     """
-    total = past + seq
-    q_idx = torch.arange(past, total, device=device).view(1, 1, seq, 1)
+    t = torch.arange(seq, device=device)
+    if isinstance(past, int):
+        total = past + seq if total is None else total
+        q_idx = (past + t).view(1, 1, seq, 1)
+    else:
+        q_idx = (past.view(batch, 1) + t.view(1, seq)).view(batch, 1, seq, 1)
     k_idx = torch.arange(total, device=device).view(1, 1, 1, total)
     mask = k_idx <= q_idx
     if attention_mask is not None:
@@ -54,15 +60,26 @@ def causal_masks(attention_mask, batch: int, seq: int, past: int, device, slidin
 
 
 def scaled_attention(q, k, v, mask, arch) -> torch.Tensor:
-    """Scaled dot-product attention with GQA expansion, soft-capping where the family has it."""
+    """Scaled dot-product attention, soft-capping where the family has it.
+
+    For GQA the G query heads sharing a kv head are folded into the query length
+    ([n, H_kv, G*T, D]) instead of copying every key G times: decoding against a long cache
+    reads each key once.
+    """
     a = arch
-    if a.num_kv_heads != a.num_heads:
-        k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
-        v = v.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
     if a.attn_softcap:
+        if a.num_kv_heads != a.num_heads:
+            k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
+            v = v.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
         w = torch.matmul(q, k.transpose(2, 3)) * a.scaling
         w = torch.tanh(w / a.attn_softcap) * a.attn_softcap
         w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
         w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(w, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling)
+    if a.num_kv_heads == a.num_heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling)
+    n, H, T, D = q.shape
+    G = H // a.num_kv_heads
+    qg = q.reshape(n, a.num_kv_heads, G * T, D)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, G, 1), scale=a.scaling)
+    return out.view(n, H, T, D)

@@ -279,6 +279,15 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         q = rotate(q, cos, sin) if queries else None
         return q, rotate(k, cos, sin), v
 
+    def kv_projection(self, slot: int, position: Position, h: torch.Tensor, rope: dict):
+        """Post-RoPE k, v [B, H_kv, T, D] that layer `slot` at `position` would cache for residual
+        stream h, without the rest of the layer: the serving engine fills the KV entries of the
+        depths an early exit skipped with it (CALM's state propagation)."""
+        x = self._norm("attn_norm", h, self._norm_index(slot, position))
+        cos, sin, _ = self.position_rope(position, rope)
+        _, k, v = self.project_qkv(slot, position, x, cos, sin, queries=False)
+        return k, v
+
     def layer_forward(
         self,
         slot: int,
@@ -314,7 +323,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         return h + mlp(self._norm("mlp_norm", h, ni))
 
     def attention_scores(self, q, k, v, mask):
-        """Scaled dot-product attention with GQA expansion, soft-capping where the family has it."""
+        """The one attention of the model and its executors (`layer_math.scaled_attention`)."""
         return scaled_attention(q, k, v, mask, self.arch)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -323,9 +332,11 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             h = h * torch.tensor(self.arch.hidden_size**0.5, dtype=h.dtype)
         return h
 
-    def build_masks(self, attention_mask, batch: int, seq: int, past: int, device) -> dict[bool, torch.Tensor]:
-        """Boolean masks [batch, 1, seq, past+seq] for full and sliding layers (`causal_masks`)."""
-        return causal_masks(attention_mask, batch, seq, past, device, self.arch.sliding_window)
+    def build_masks(self, attention_mask, batch: int, seq: int, past: Position, device, total: int | None = None
+                    ) -> dict[bool, torch.Tensor]:
+        """Boolean masks [batch, 1, seq, total] for full and sliding layers (`causal_masks`); `past`
+        may be one first cache index per row (the serving engine's rows)."""
+        return causal_masks(attention_mask, batch, seq, past, device, self.arch.sliding_window, total)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -371,28 +382,22 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             return self.attention_scores(q, k, v, masks[is_sliding])
 
         layout = self.layout
-        loop_ends = {}
-        if layout.loopable:
-            K, e = layout.block_size, layout.edge
-            loop_ends = {e + (b + 1) * K - 1: b for b in range(layout.num_loops)}
         if (depth is not None or output_loop_states) and not layout.loopable:
             raise ValueError(f"strategy {layout.strategy!r} has no loop boundaries; early exits need a cycle strategy")
 
         loop_states = []
         exit_h = h if depth is not None else None
         with self.adapter_views():
-            for p, slot in enumerate(layout.slot_of_position):
-                h = self.layer_forward(slot, p, h, rope, attend)
-                if p in loop_ends:
-                    b = loop_ends[p]
+            # The one loop schedule (the serving engine runs the same one, a loop per step).
+            for step in layout.schedule():
+                h = self.layer_forward(step.slot, step.position, h, rope, attend)
+                if step.loop_end:
                     if output_loop_states:
                         loop_states.append(h)
-                    if depth is not None and b < layout.num_loops - 1:
-                        exit_h = torch.where((depth == b + 1).view(-1, 1, 1), h, exit_h)
+                    if depth is not None and step.loop < layout.num_loops - 1:
+                        exit_h = torch.where((depth == step.loop + 1).view(-1, 1, 1), h, exit_h)
         if depth is not None:
             h = torch.where((depth >= layout.num_loops).view(-1, 1, 1), h, exit_h)
-        if output_loop_states and layout.edge:
-            loop_states[-1] = h  # the last exit is the full model, coda included
 
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.exit_logits(h[:, keep])

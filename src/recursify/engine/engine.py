@@ -1,5 +1,8 @@
 """LLMEngine: requests in, tokens out, one scheduler + runner step at a time.
 
+A step is schedule (the scheduler describes the batch), execute (the runner computes it and
+answers with plain outputs), update (the scheduler applies them); only the scheduler changes state.
+
 `LLMEngine` is synchronous and single-threaded: `add_request`, then call `step()` until
 `has_unfinished()` is false (or use `generate` / `stream`). `AsyncLLMEngine` drives it from a
 background thread for the HTTP server: submitting, aborting and reading results are safe from any
@@ -23,7 +26,6 @@ from .kv_cache import KVCache
 from .request import ParamError, Request, RequestOutput, SamplingParams
 from .exit_policy import ExitConfig, resolve_exit
 from .runner import ModelRunner
-from .sampling import sample
 from .scheduler import QueueFullError, Scheduler
 
 log = logging.getLogger("recursify.engine")
@@ -87,7 +89,6 @@ class LLMEngine:
             )
         exit = resolve_exit(exit, exit_threshold)
         self.model = model.eval()
-        self.tokenizer = tokenizer
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(max_model_len or min(limit, 2048))
         if self.max_model_len > limit:
@@ -96,11 +97,12 @@ class LLMEngine:
         param = model.embed_tokens.weight
         self.cache = KVCache(a.num_layers, a.num_kv_heads, a.head_dim, self.max_model_len, max_batch,
                              kv_cache_bytes, dtype=param.dtype, device=param.device)
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, prefill_chunk, max_queue)
+        self.scheduler = Scheduler(self.cache.slots, max_num_batched_tokens, prefill_chunk, max_queue,
+                                   tokenizer=tokenizer, eos_ids=eos_token_ids(model, tokenizer),
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(model, self.cache, exit)
         if self.runner.note:
             log.warning(self.runner.note)
-        self.eos_ids = eos_token_ids(model, tokenizer)
         self.requests: dict[str, Request] = {}
         self.listeners: list = []  # callables receiving StepStats, called from the stepping thread
         self._lock = threading.RLock()  # guards scheduler state; never held during a forward
@@ -112,6 +114,23 @@ class LLMEngine:
     @property
     def max_batch(self) -> int:
         return self.cache.num_slots
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a request (the scheduler's stop rule)."""
+        return self.scheduler.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids) -> None:
+        self.scheduler.eos_ids = set(ids)
+
+    @property
+    def tokenizer(self):
+        return self.scheduler.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self.scheduler.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -175,26 +194,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """One scheduler decision and one batched forward; outputs of requests that advanced."""
+        """One scheduler decision, one batched forward, one state update; outputs of requests that advanced."""
         t0 = time.perf_counter()
         with self._lock:
-            items = self.scheduler.schedule()
-        if not items:
+            batch = self.scheduler.schedule()
+        if not batch.rows:
             return []
-        emissions, completed = self.runner.step(items)
+        output = self.runner.execute_model(batch)  # outside the lock: aborts may land meanwhile
         outputs: list[RequestOutput] = []
-        stats = StepStats(rows=len(items), tokens=sum(it.length for it in items), emitted=0)
+        stats = StepStats(rows=len(batch), tokens=batch.num_tokens, emitted=0)
         with self._lock:
-            for it in completed:
-                if not it.request.finished:
-                    self.scheduler.complete(it)
-            for em in emissions:
-                req = em.item.request
-                if req.finished:  # aborted while the forward ran
-                    continue
-                self._append(req, sample(em.logits, req), em.depth)
+            for req, depth in self.scheduler.update_from_output(batch, output):
                 stats.emitted += 1
-                stats.exit_depths.append(em.depth)
+                stats.exit_depths.append(depth)
                 out = RequestOutput.of(req)
                 outputs.append(out)
                 if req.finished:
@@ -207,18 +219,6 @@ class LLMEngine:
         for fn in self.listeners:
             fn(stats)
         return outputs
-
-    def _append(self, req: Request, token: int, depth: int) -> None:
-        now = time.monotonic()
-        req.output_token_ids.append(token)
-        req.exit_depths.append(depth)
-        if req.first_token_time is None:
-            req.first_token_time = now
-        stopped = req.update_text(self.tokenizer)
-        if stopped or (token in self.eos_ids and not req.params.ignore_eos):
-            self.scheduler.finish(req, "stop")
-        elif len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            self.scheduler.finish(req, "length")
 
     # ------------------------------------------------------------------ conveniences
     def generate(

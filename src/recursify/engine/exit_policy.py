@@ -88,9 +88,18 @@ def saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 SCORES = {"confidence": max_softmax, "entropy": entropy_confidence}
 
 
+def forced_depth(request) -> int | None:
+    """Replay: the depth the request's next token must exit at, if its schedule says one."""
+    schedule = request.exit_schedule or []
+    n = len(request.output_token_ids)
+    return schedule[n] if n < len(schedule) else None
+
+
 class ExitPolicy:
-    """Decides which candidate rows exit. `decide` gets the rows' work items, their last-position
-    residual streams now and at the previous loop end, and (for head modes) their exit logits."""
+    """Decides which candidate rows exit, from their loops, their last-position residual streams
+    now and at the previous loop end, and (for head modes) their exit logits. `decisions` is pure
+    (the runner's; oracle's argmax is returned for the scheduler to record), `decide` the same on
+    work items, recording oracle's argmax on them."""
 
     def __init__(self, config: ExitConfig):
         self.config = config
@@ -109,25 +118,30 @@ class ExitPolicy:
             return saturation(hidden, previous)
         return SCORES[self.mode](logits)
 
+    def decisions(self, loops: list[int], exit_after: list[int | None], hidden: torch.Tensor | None,
+                  previous: torch.Tensor | None, logits: torch.Tensor | None) -> tuple[list[bool], list[int] | None]:
+        """(exit or not per row, oracle's exit-head argmax per row or None); changes nothing.
+        `exit_after` is each row's replayed depth (`forced_depth`), read in replay mode only."""
+        n = len(loops)
+        if self.mode == "oracle":
+            return [False] * n, logits.argmax(dim=-1).tolist()
+        if self.mode == "replay":
+            return [a is not None and b + 1 >= a for b, a in zip(loops, exit_after)], None
+        if self.mode == "none":
+            return [False] * n, None
+        return (self.scores(hidden, previous, logits) >= self.config.threshold).tolist(), None
+
     def decide(self, items, hidden: torch.Tensor, previous: torch.Tensor | None,
                logits: torch.Tensor | None) -> list[bool]:
-        if self.mode == "oracle":
-            for it, a in zip(items, logits.argmax(dim=-1).tolist()):
-                it.loop_argmax.append(a)
-            return [False] * len(items)
-        if self.mode == "replay":
-            out = []
-            for it in items:
-                schedule = it.request.exit_schedule or []
-                n = len(it.request.output_token_ids)
-                out.append(n < len(schedule) and it.loop + 1 >= schedule[n])
-            return out
-        if self.mode == "none":
-            return [False] * len(items)
-        return (self.scores(hidden, previous, logits) >= self.config.threshold).tolist()
+        exits, argmax = self.decisions([it.loop for it in items], [forced_depth(it.request) for it in items],
+                                       hidden, previous, logits)
+        for it, a in zip(items, argmax or []):
+            it.loop_argmax.append(a)
+        return exits
 
     def final_depth(self, item, logits: torch.Tensor, num_loops: int) -> int:
-        """Depth recorded for a token that ran every loop (oracle: the first loop that agreed)."""
+        """Depth recorded for a token that ran every loop (oracle: the first loop that agreed);
+        `item` is anything with the `loop_argmax` of its earlier loops (a work item or a row)."""
         if self.mode == "oracle":
             final = int(logits.argmax())
             for b, a in enumerate(item.loop_argmax):

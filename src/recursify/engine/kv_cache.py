@@ -6,6 +6,10 @@ one sequence slot for its whole life. Slot-granular allocation (rather than page
 attention gather a single indexing op; the price is that a slot is sized for `max_len` tokens,
 so the budget buys `budget // bytes_per_slot` concurrent sequences and no more. Nothing grows
 after construction: when every slot is taken, new requests wait in the scheduler's queue.
+
+Allocation is kept apart from the tensors, as in vLLM: `SlotAllocator` (which sequence owns which
+slot) belongs to the scheduler, the tensors to the runner. The cache sizes both from one budget
+and carries its allocator only so that `num_free` can be read for metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ import torch
 
 class CacheBudgetError(ValueError):
     """The memory budget cannot hold even one sequence of the requested length."""
+
+
+class SlotAllocator:
+    """Which sequence slots are free; pure bookkeeping on the host, no tensors."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        """A free sequence slot, or None when the cache is full (the caller queues)."""
+        return self._free.pop() if self._free else None
+
+    def free(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"sequence slot {slot} is not allocated")
+        self._free.append(slot)
 
 
 class KVCache:
@@ -45,7 +70,7 @@ class KVCache:
         shape = (num_slots, num_positions, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.slots = SlotAllocator(num_slots)
 
     @staticmethod
     def bytes_per_slot(num_positions, num_kv_heads, head_dim, max_len, dtype=torch.float32) -> int:
@@ -58,16 +83,8 @@ class KVCache:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int | None:
-        """A free sequence slot, or None when the cache is full (the caller queues)."""
-        return self._free.pop() if self._free else None
-
-    def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.num_slots:
-            raise ValueError(f"sequence slot {slot} is not allocated")
-        self._free.append(slot)
+        """Free sequence slots (read-only; the scheduler allocates through `slots`)."""
+        return self.slots.num_free
 
     # ------------------------------------------------------------------ data movement
     def write(self, slots, positions, index, k, v) -> None:

@@ -106,7 +106,7 @@ class Request:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Serving state, owned by the scheduler/runner.
+    # Serving state, owned by the scheduler (the runner never sees a Request).
     seq_slot: int | None = None
     num_computed: int = 0  # tokens whose keys/values are in the cache at every depth
     work: Any = None  # the WorkItem in flight (scheduler.WorkItem)
