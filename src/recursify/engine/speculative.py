@@ -49,17 +49,16 @@ class SelfSpeculativeDecoder:
             raise ValueError(f"k (drafted tokens per round) must be a non-negative integer, got {k!r}")
         self.model = model.eval()
         self.k = k
-        L, e = layout.num_layers, layout.edge
-        self.draft_positions = list(range(e)) + layout.loop_positions(0)
-        self.verify_positions = [p for b in range(1, layout.num_loops) for p in layout.loop_positions(b)]
-        self.verify_positions += list(range(L - e, L))
-        self.slot_of = layout.slot_of_position
+        # The layout's own schedule: loop 1 (prelude included) drafts, the rest (coda included) verifies.
+        self.draft_steps = layout.loop_steps(0)
+        self.verify_steps = tuple(st for b in range(1, layout.num_loops) for st in layout.loop_steps(b))
+        L = layout.num_layers
         self.device = model.embed_tokens.weight.device
         a = model.arch
         self._shape = (L, a.num_kv_heads, a.head_dim)
 
-    def _run(self, h: torch.Tensor, start: int, positions: list[int]) -> torch.Tensor:
-        """Positions `positions` over tokens [start, start+T) of h [1, T, d], caching their k/v."""
+    def _run(self, h: torch.Tensor, start: int, steps) -> torch.Tensor:
+        """The schedule's `steps` over tokens [start, start+T) of h [1, T, d], caching their k/v."""
         T = h.shape[1]
         model, k_cache, v_cache = self.model, self.k_cache, self.v_cache
         rope = model.rope(h, torch.arange(start, start + T, device=self.device).view(1, T))
@@ -72,8 +71,8 @@ class SelfSpeculativeDecoder:
             values = v_cache[position, :, : start + T].unsqueeze(0)
             return model.attention_scores(q, keys, values, masks[is_sliding])
 
-        for p in positions:
-            h = model.layer_forward(self.slot_of[p], p, h, rope, attend)
+        for st in steps:
+            h = model.layer_forward(st.slot, st.position, h, rope, attend)
         return h
 
     @torch.inference_mode()
@@ -89,14 +88,14 @@ class SelfSpeculativeDecoder:
         self.k_cache = torch.zeros(L, H, n_max, D, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(L, H, n_max, D, dtype=dtype, device=self.device)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        h = self._run(self._run(model.embed(ids), 0, self.draft_positions), 0, self.verify_positions)
+        h = self._run(self._run(model.embed(ids), 0, self.draft_steps), 0, self.verify_steps)
         out = [int(model.exit_logits(h[:, -1]).argmax(-1))]
         stats.first_token_seconds = time.perf_counter() - t0
         done = len(prompt)  # tokens whose k/v are cached at every position
         while len(out) < max_new_tokens:
             if self.k == 0:
                 x = torch.tensor([[out[-1]]], dtype=torch.long, device=self.device)
-                h = self._run(self._run(model.embed(x), done, self.draft_positions), done, self.verify_positions)
+                h = self._run(self._run(model.embed(x), done, self.draft_steps), done, self.verify_steps)
                 out.append(int(model.exit_logits(h[:, -1]).argmax(-1)))
                 done += 1
                 continue
@@ -105,13 +104,13 @@ class SelfSpeculativeDecoder:
             inputs, states = [out[-1]], []
             for i in range(k):
                 x = torch.tensor([[inputs[-1]]], dtype=torch.long, device=self.device)
-                s = self._run(model.embed(x), done + i, self.draft_positions)
+                s = self._run(model.embed(x), done + i, self.draft_steps)
                 states.append(s)
                 if i + 1 < k:
                     inputs.append(int(model.exit_logits(s[:, -1]).argmax(-1)))
             drafts = inputs[1:] + [int(model.exit_logits(states[-1][:, -1]).argmax(-1))]
             # Verify: the rest of the depth over all k inputs at once, from their loop-1 states.
-            h = self._run(torch.cat(states, dim=1), done, self.verify_positions)
+            h = self._run(torch.cat(states, dim=1), done, self.verify_steps)
             full = model.exit_logits(h[0]).argmax(-1).tolist()
             j = 0
             while j < k and full[j] == drafts[j]:
