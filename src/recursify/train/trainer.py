@@ -146,6 +146,7 @@ def _check_exits(student, schedule: str) -> None:
 
 
 def _setup(cfg: TrainConfig) -> Setup:
+    """Check every input, load both models and the data: a TrainError here leaves out/ untouched."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
