@@ -22,7 +22,7 @@ import recursify as rf
 import recursify.convert  # noqa: F401 - the module, patched below (rf.convert is the function)
 from recursify.calibrate import calibrate, fit_shared
 from recursify.eval.metrics import perplexity
-from recursify.train.data import DataConfig, build_datasets
+from recursify.data import DataConfig, build_datasets
 
 VARIANTS = [  # rank, init, fit_shared options, fit at rank 0 (then the LoRA) instead of jointly
     (0, "average", {}, False),

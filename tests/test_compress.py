@@ -59,11 +59,31 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(time_budget=0), "time-budget"),
     (dict(eval_tokens=8), "eval-tokens"),
     (dict(loops=4), "does not divide"),
+    (dict(lora_rank="auto"), "go together"),
+    (dict(target_params=0.7), "go together"),
+    (dict(lora_rank="auto", target_params=1.5), r"in \(0, 1\]"),
+    (dict(lora_rank="auto", target_params=0.05), "even rank 0"),
+    (dict(local_fraction=1.0), "local-fraction"),
 ])
 def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         compress(cfg(teacher_dir, tmp_path / "bad", **kw), log=lambda s: None)
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
+
+
+def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, tmp_path, monkeypatch):
+    """The full recipe with every option: the ranks fit the budget, and the local stage runs,
+    changes the model and is reported."""
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "full"
+    summary = compress(cfg(teacher_dir, out, time_budget=90.0, max_tokens=8 * 16 * 20, init="calibrated",
+                           lora_rank="auto", target_params=0.9, local_fraction=0.3, local_tokens=512),
+                       log=lambda s: None)
+    assert summary["params"]["fraction"] <= 0.9
+    assert summary["recursion"]["rank_pattern"] and summary["recursion"]["init"] == "calibrated"
+    assert summary["local_tokens"] > 0 and summary["ppl"]["after_local"] is not None
+    assert summary["ppl"]["after_local"] != summary["ppl"]["converted"]
+    assert "after local distillation" in (out / "summary.md").read_text()
 
 
 def test_parse_duration():

@@ -202,13 +202,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     if not (converted / "config.json").exists():
         # Fit the preparation to the budget: fewer calibration tokens (down to 2048), then no
         # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about
-        # 4 forwards per token (nothing when cached), the sequential refit about 12, the calibrated
-        # (joint) shared-weight fit a few minutes whatever the tokens.
+        # 4 forwards per token (nothing when cached), the sequential refit about 12; converting about
+        # 10k forwards' time whatever the tokens, four times that with the joint shared-weight fit.
         calib_tokens = cfg.calib_tokens
         while True:
             seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
-            prep = (0 if cached else 4 * seqs.numel() / fwd) + (300 if cfg.init == "calibrated" else 20)
+            prep = (0 if cached else 4 * seqs.numel() / fwd) + (40_000 if cfg.init == "calibrated" else 10_000) / fwd
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
                 break

@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import AsyncLLMEngine, EngineStoppedError, ExitConfig, LLMEngine, ParamError, QueueFullError, SamplingParams
+from ..engine import (AsyncLLMEngine, EngineStoppedError, LLMEngine, ParamError, QueueFullError, SamplingParams,
+                      resolve_exit)
 from .metrics import Metrics
 from .protocol import (APIError, ClientGone, bad, chat_chunk, chat_completion, chat_ids, completion_chunk,
                        error_event, include_usage, parse_body, prompt_ids, sampling_params, sse, usage)
@@ -262,10 +263,7 @@ def serve(
 
     from ..hub import load_for_serving
 
-    if exit_threshold is not None and not 0.0 <= exit_threshold <= 1.0:
-        raise ValueError(f"exit_threshold must be in [0, 1], got {exit_threshold}")
-    exit_cfg = ExitConfig(exit_mode or ("confidence" if exit_threshold is not None else "none"),
-                          0.9 if exit_threshold is None else exit_threshold)
+    exit_cfg = resolve_exit(exit_mode, exit_threshold)  # raises ParamError (one line) before any loading
     model, tokenizer = load_for_serving(checkpoint)
     if threads:
         torch.set_num_threads(threads)
