@@ -7,11 +7,16 @@ import torch
 from tiny_models import make
 
 import recursify as rf
-from recursify.allocate import allocate_ranks, captured_energy, parameter_count, relative_spectra
+from recursify.allocate import allocate_ranks, parameter_count, relative_spectra
 from recursify.calibrate import activation_aware_factors, collect_stats, fit_shared
 from recursify.config import ConfigError
 
 GEN = torch.Generator().manual_seed(0)
+
+
+def captured_energy(spectra: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
+    """Sum over linears of the relative output energy the chosen ranks remove (the greedy's objective)."""
+    return float(sum(spectra[n][: ranks.get(n, 0)].sum() for n in spectra))
 
 
 def _samples(n_layers: int, tokens: int, d: int) -> list[torch.Tensor]:

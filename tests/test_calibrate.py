@@ -14,11 +14,16 @@ from recursify.calibrate import (
     cached_stats,
     collect_stats,
     linear_input_groups,
-    output_error,
 )
 from recursify.lora import truncated_svd
 
 GEN = torch.Generator().manual_seed(0)
+
+
+def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """||(Delta - B A) C^{1/2}||_F^2 per matrix = trace(E C E^T): the squared output error per token."""
+    E = (delta - B @ A).double()
+    return torch.einsum("noi,nij,noj->n", E, cov.double(), E)
 
 
 def _spd(n: int, d: int, spread: float = 4.0) -> torch.Tensor:

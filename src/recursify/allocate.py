@@ -99,8 +99,3 @@ def allocate_ranks(source, recursion: RecursionConfig, calibration: CalibrationS
         if ranks[name] < len(spectra[name]):
             heapq.heappush(heap, (-float(spectra[name][ranks[name]]) / cost[name], name))
     return ranks
-
-
-def captured_energy(spectra: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
-    """Sum over linears of the relative output energy the chosen ranks remove (the greedy's objective)."""
-    return float(sum(spectra[n][: ranks.get(n, 0)].sum() for n in spectra))

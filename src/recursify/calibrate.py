@@ -266,12 +266,6 @@ def fit_shared(W: torch.Tensor, cov: torch.Tensor, slot_of_position, rank: int, 
     return shared.to(W.dtype)
 
 
-def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """||(Delta - B A) C^{1/2}||_F^2 per matrix = trace(E C E^T): the squared output error per token."""
-    E = (delta - B @ A).double()
-    return torch.einsum("noi,nij,noj->n", E, cov.double(), E)
-
-
 def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len: int = 256,
                           cache_dir: str | None = None) -> torch.Tensor:
     """[n, seq_len] token ids from the training side of `sources` (the documents the trainer

@@ -8,7 +8,6 @@ inside every saved checkpoint so that the layout can be rebuilt without recursif
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Union
 
@@ -95,9 +94,6 @@ class RecursionConfig:
         if unknown:
             raise ConfigError(f"unknown RecursionConfig fields: {', '.join(sorted(unknown))}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 PRELUDE, BLOCK, CODA = "prelude", "block", "coda"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import torch
-
 from .workload import summarize
 
 
@@ -162,10 +160,3 @@ def _collect(manager, until: int, timeout: float) -> dict:
         if r is not None and r.is_finished():
             done[r.request_id] = r
     return done
-
-
-def greedy_reference_ok(hf_model, prompt, tokens) -> bool:
-    """Whether `tokens` are the HF model's own greedy continuation of `prompt` (a spot check)."""
-    ids = torch.tensor([prompt], device=hf_model.device)
-    out = hf_model.generate(ids, max_new_tokens=len(tokens), do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist() == list(tokens)

@@ -19,14 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
-import torch
 
 from ..modeling import RecursiveForCausalLM
 from .kv_cache import KVCache
 from .request import ParamError, Request, RequestOutput, SamplingParams
 from .exit_policy import ExitConfig, resolve_exit
 from .runner import ModelRunner
-from .scheduler import QueueFullError, Scheduler
+from .scheduler import Scheduler
 
 log = logging.getLogger("recursify.engine")
 

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 SequencesLike = torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor]
 
