@@ -327,3 +327,13 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="no loop boundaries"):
         m = rf.convert(source, rf.RecursionConfig(num_loops=2, strategy="sequence"), progress=False)
         m(IDS, depth=torch.tensor([1, 2]))
+
+
+def test_family_names_say_what_they_are_and_old_names_still_load():
+    from recursify.families import detect_family, family_by_name
+    from tiny_models import make
+
+    assert detect_family(make("gemma").config).name == "gemma1"
+    assert detect_family(make("gemma2").config).name == "gemma2"
+    assert detect_family(make("gemma3").config).name == "gemma2"  # Gemma 3 is Gemma 2's layout + q/k norms
+    assert family_by_name("gemma") is family_by_name("gemma2")  # what checkpoints written before the rename carry

@@ -74,10 +74,7 @@ def arch_from_config(family: Family, config: PretrainedConfig) -> Arch:
         layer_types = ["sliding_attention" if sliding else "full_attention"] * L
     if getattr(c, "use_sliding_window", True) is False:
         layer_types = ["full_attention"] * L
-    if family.name == "gemma":
-        scaling = (getattr(c, "query_pre_attn_scalar", None) or head_dim) ** -0.5
-    else:
-        scaling = head_dim**-0.5
+    scaling = (getattr(c, "query_pre_attn_scalar", None) or head_dim) ** -0.5  # Gemma 2/3 set it
     act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "silu")
     attn_bias = bool(getattr(c, "attention_bias", False))
     mlp_bias = bool(getattr(c, "mlp_bias", False))

@@ -32,7 +32,7 @@ GEMMA = register(
 
 GEMMA2 = register(
     Family(
-        name="gemma",
+        name="gemma2",  # Gemma 2 and 3 (Gemma 3 adds q/k norms, found in the config)
         model_types=("gemma2", "gemma3_text"),
         layers="model.layers",
         final_norm="model.norm",

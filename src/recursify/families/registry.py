@@ -36,8 +36,11 @@ def register(family: Family) -> Family:
     return family
 
 
+_RENAMED = {"gemma": "gemma2"}  # names older checkpoints carry
+
+
 def family_by_name(name: str) -> Family:
-    return _FAMILIES[name]
+    return _FAMILIES[_RENAMED.get(name, name)]
 
 
 def supported_model_types() -> list[str]:
