@@ -14,12 +14,7 @@ from recursify.engine.exit_policy import ExitPolicy, entropy_confidence, max_sof
 from tiny_models import make
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- scores, by hand

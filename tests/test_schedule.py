@@ -16,12 +16,7 @@ from recursify.engine import Batch, KVCache, ModelRunner, Row
 from tiny_models import make
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def convert(family="llama", **kw):
