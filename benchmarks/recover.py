@@ -10,7 +10,12 @@ Writes benchmarks/results/recover.json and recover.png.
 
 Recipes: plain-kd (plain SVD conversion, KD), calibrated-kd (calibrated + sequential, KD),
 calibrated-local-kd (the same, then --local-fraction of the training time on local distillation
-before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear).
+before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear),
+baseline-kd (the parameter-matched plain model: the largest stepwise layer subset of the teacher
+with no more parameters than the recursive student, distilled the same way).
+A recipe may carry its own learning rate and trainable set, NAME[:LR[:TRAINABLE]], e.g.
+`--recipes calibrated-kd:1e-3,calibrated-kd:1e-3:norms,baseline-kd:1e-3`; the defaults are --lr
+and --trainable (all, lora, shared or norms, as in `recursify train`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from recursify.data import DataConfig, build_datasets
 from recursify.train.local import local_distill
 from recursify.train import TrainConfig, train
 
-RECIPES = ("plain-kd", "calibrated-kd", "calibrated-local-kd", "allocated-kd")
+RECIPES = ("plain-kd", "calibrated-kd", "calibrated-local-kd", "allocated-kd", "baseline-kd")
 
 
 def main(argv=None) -> int:
@@ -54,10 +59,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=4, help="KD steps between held-out evaluations.")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of a recipe that names none.")
+    ap.add_argument("--trainable", default="all", help="What KD trains in a recipe that names nothing: all, lora, "
+                                                      "shared or norms (see recursify train).")
     ap.add_argument("--out", default="benchmarks/results/recover.json")
     args = ap.parse_args(argv)
-    recipes = args.recipes.split(",")
+    runs = []
+    for item in args.recipes.split(","):
+        name, lr, trainable = (item.split(":") + [None, None])[:3]
+        runs.append((name, float(lr) if lr else args.lr, trainable or args.trainable))
+    recipes = [r[0] for r in runs]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
@@ -92,6 +103,12 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         if kind == "plain":
             model = rf.convert(teacher, base, progress=False)
+        elif kind == "baseline":
+            from recursify.allocate import parameter_count
+            from recursify.baselines import matched
+
+            model = matched(teacher, parameter_count(teacher, base))
+            print(f"baseline: {model.config.num_hidden_layers} plain layers", flush=True)
         else:
             recursion = dataclasses.replace(base, init=args.init)
             if kind == "allocated":
@@ -103,7 +120,7 @@ def main(argv=None) -> int:
                 print(f"allocated ranks for {target:.3f} of the teacher: {recursion.rank_pattern}", flush=True)
             model = rf.convert(teacher, recursion, progress=False, calibration=stats)
             sequential_calibrate(model, teacher, seqs[: args.seq_tokens // args.seq_len])
-        seconds = time.perf_counter() - t + (0 if kind == "plain" else calib_s)
+        seconds = time.perf_counter() - t + (0 if kind in ("plain", "baseline") else calib_s)
         folder = work / kind
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
@@ -111,17 +128,17 @@ def main(argv=None) -> int:
         return prepared[kind]
 
     rows = []
-    for recipe in recipes:
-        kind = {"plain-kd": "plain", "allocated-kd": "allocated"}.get(recipe, "calibrated")
+    for recipe, lr, trainable in runs:
+        kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline"}.get(recipe, "calibrated")
         folder, prep_s = prepare(kind)
         clock = 0.0
         student, _ = rf.load_pretrained(str(folder))
         points = [{"seconds": clock, "ppl": ppl(student), "stage": "converted"}]
-        params = student.parameter_breakdown()["total"]
+        params = sum(p.numel() for p in student.parameters())
         local = None
         if recipe == "calibrated-local-kd":
             local_seqs = calibration_sequences([args.data], tok, 65536, args.seq_len)
-            local = local_distill(student, teacher, local_seqs, lr=args.lr, batch_size=args.batch_size,
+            local = local_distill(student, teacher, local_seqs, lr=lr, batch_size=args.batch_size,
                                   max_time=args.local_fraction * budget)
             clock += local["seconds"]
             points.append({"seconds": clock, "ppl": ppl(student), "stage": "local"})
@@ -129,10 +146,11 @@ def main(argv=None) -> int:
             student.save_pretrained(folder)
             tok.save_pretrained(folder)
         del student
-        kd_out = work / f"{recipe}-kd"
+        kd_out = work / f"{recipe}-{lr:g}-{trainable}-kd"
         result = train(TrainConfig(
             student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
-            max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=5,
+            max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, warmup_steps=5,
+            trainable=trainable if kind != "baseline" else "all",
             eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
             progress=False))
         kd_clock = clock
@@ -141,17 +159,17 @@ def main(argv=None) -> int:
                 kd_clock += rec["step_s"]
             elif rec["kind"] == "eval" and rec["step"] > 0:
                 points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
-        row = {"recipe": recipe, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
+        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" else "all", "params": params, "points": points, "final_ppl": points[-1]["ppl"],
                "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prep_s}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
 
     print(f"\nteacher held-out ppl {teacher_ppl:.2f}; {args.minutes:g} training minutes per recipe\n")
-    print("| recipe | params | prep s | converted ppl | final ppl | KD tokens |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| recipe | lr | trains | params | prep s | converted ppl | final ppl | KD tokens |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | {r['points'][0]['ppl']:.4g} | "
-              f"{r['final_ppl']:.4g} | {r['kd_tokens']} |")
+        print(f"| {r['recipe']} | {r['lr']:g} | {r['trainable']} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | "
+              f"{r['points'][0]['ppl']:.4g} | {r['final_ppl']:.4g} | {r['kd_tokens']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "teacher_ppl": teacher_ppl, "calibration_seconds": calib_s,
@@ -168,7 +186,8 @@ def plot(rows, teacher_ppl, path: Path, minutes: float) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.plot([p["seconds"] for p in r["points"]], [p["ppl"] for p in r["points"]], marker="o", ms=3, label=r["recipe"])
+        label = f"{r['recipe']} lr {r.get('lr', 3e-4):g}" + (f" ({r['trainable']})" if r.get("trainable", "all") != "all" else "")
+        ax.plot([p["seconds"] for p in r["points"]], [p["ppl"] for p in r["points"]], marker="o", ms=3, label=label)
     ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")
     ax.set_xlabel("training wall-clock seconds (evaluation excluded)")

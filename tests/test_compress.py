@@ -64,6 +64,7 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(lora_rank="auto", target_params=1.5), r"in \(0, 1\]"),
     (dict(lora_rank="auto", target_params=0.05), "even rank 0"),
     (dict(local_fraction=1.0), "local-fraction"),
+    (dict(paper_tasks=-1), "paper-tasks"),
 ])
 def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -84,6 +85,28 @@ def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, 
     assert summary["local_tokens"] > 0 and summary["ppl"]["after_local"] is not None
     assert summary["ppl"]["after_local"] != summary["ppl"]["converted"]
     assert "after local distillation" in (out / "summary.md").read_text()
+
+
+def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teacher_dir, tmp_path, monkeypatch):
+    """--baseline distils the largest plain layer subset that fits the student's size for the
+    student's own training time; --paper-tasks scores every model on the same items."""
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "with-baseline"
+    s = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 10, baseline=True, paper_tasks=2),
+                 log=lambda line: None)
+    teacher, _ = rf.load_pretrained(str(teacher_dir / "teacher"))
+    per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    rest = s["params"]["teacher"] - 6 * per_layer
+    base = s["baseline"]
+    assert base["layers"] == (s["params"]["student"] - rest) // per_layer  # the most whole layers that fit
+    assert base["params"] == rest + base["layers"] * per_layer <= s["params"]["student"]
+    assert 0 < base["train_tokens"] and base["ppl"] > 0 and 0 <= base["top1_agreement"] <= 1
+    assert set(s["paper"]) == {"teacher", "student", "baseline"}
+    assert all(len(r["tasks"]) == 7 for r in s["paper"].values())
+    md = (out / "summary.md").read_text()
+    assert f"| plain {base['layers']}-layer model, same training time" in md and f"{base['ppl']:.2f}" in md
+    gap = 100 * (s["paper"]["teacher"]["average"] - s["paper"]["student"]["average"])
+    assert f"average is {gap:.1f} points below the teacher's" in md
 
 
 def test_parse_duration():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import recursify as rf
-from recursify.baselines import layer_subset, truncated
+from recursify.baselines import layer_subset, matched, truncated
 from recursify.convert import source_layer_for_slot, with_rank
 from recursify.eval.metrics import confidence_exit_curve
 from recursify.report import Budget, ReportConfig, ReportError, plan_cells, run_report
@@ -130,6 +130,22 @@ def test_layer_subset_runs_the_chosen_layers():
         ref = source.lm_head(inner.norm(h))
         assert torch.allclose(model(ids).logits, ref, atol=1e-5)
     assert truncated(source, 2).config.num_hidden_layers == 2
+
+
+def test_matched_baseline_is_the_largest_stepwise_subset_within_the_budget():
+    source = make("llama")
+    per_layer = sum(p.numel() for p in source.model.layers[0].parameters())
+    rest = sum(p.numel() for p in source.parameters()) - 6 * per_layer
+    # room for 4 layers and a half: 4 layers, evenly spaced from the first to the last
+    model = matched(source, rest + 4 * per_layer + per_layer // 2)
+    assert model.config.num_hidden_layers == 4
+    assert sum(p.numel() for p in model.parameters()) == rest + 4 * per_layer
+    ref = layer_subset(source, [0, 2, 3, 5])  # round(linspace(0, 5, 4)) = round([0, 1.67, 3.33, 5])
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    with pytest.raises(ValueError, match="no plain subset"):
+        matched(source, rest)
 
 
 def test_confidence_exit_curve_by_hand():

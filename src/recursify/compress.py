@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-PROMPTS = ("The capital of France is", "def fibonacci(n):\n   ", "The most important thing about a list is")
+from .compress_summary import fmt_seconds as _fmt_s
+from .compress_summary import measure, render_summary
 
 
 class CompressError(ValueError):
@@ -47,11 +48,15 @@ class CompressConfig:
     local_fraction: float = 0.0  # share of the training time spent on local distillation before KD
     local_tokens: int = 65_536  # training tokens the local stage cycles over
     eval_tokens: int = 4096
+    baseline: bool = False  # also distil the parameter-matched plain model for the same training time
+    paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
     overwrite: bool = False
 
     def validate(self) -> None:
         if self.time_budget <= 0:
             raise CompressError(f"--time-budget must be positive, got {self.time_budget}")
+        if self.paper_tasks < 0:
+            raise CompressError(f"--paper-tasks is a number of items per task (0: none), got {self.paper_tasks}")
         for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -96,11 +101,6 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "overwrite"}
 
 
-def _fmt_s(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the recipe; returns the summary written to `out/summary.json`.
 
@@ -122,12 +122,17 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     import recursify as rf
 
     from .calibrate import cached_stats, calibration_sequences, stats_path
-    from .eval.metrics import perplexity, teacher_agreement
+    from .eval.metrics import perplexity
     from .hub import atomic_dir, cache_root, load_pretrained
     from .data import DataConfig, DataError, build_datasets
     from .train.trainer import TrainConfig, TrainError, train
 
     cfg.validate()
+    if cfg.paper_tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise CompressError("--paper-tasks needs lm-evaluation-harness: pip install 'recursify[eval]'")
     try:  # the layout and the model's family, before anything is loaded or written
         auto = cfg.lora_rank == "auto"
         recursion = rf.RecursionConfig(num_loops=cfg.loops, strategy=cfg.strategy, init=cfg.init,
@@ -187,7 +192,6 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     if n_eval < 2 * cfg.seq_len:
         raise CompressError(f"the held-out text has {heldout.num_tokens} tokens; evaluation needs {2 * cfg.seq_len}")
     stream = torch.as_tensor(heldout.read_tokens(0, n_eval).astype("int64"))
-    eval_seqs = stream.view(-1, cfg.seq_len)
 
     # 2-3. calibrate, convert ----------------------------------------------------------------------
     converted = work / "converted"
@@ -250,8 +254,25 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         student, _ = load_pretrained(str(converted), device=device)
     if "before" not in state:
         before = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
-        save_state(before=before)
+        save_state(before=before, student_params=student.parameter_breakdown()["total"])
         log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
+
+    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int) -> dict:
+        """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run."""
+        steps_guess = max(1, int(seconds / step_s))
+        try:
+            result = train(TrainConfig(
+                student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
+                out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
+                eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
+                max_time=seconds, resume=run_dir.exists()))
+        except TrainError as e:
+            raise CompressError(str(e)) from e
+        if result.get("interrupted"):
+            save_state()
+            raise KeyboardInterrupt
+        return result
 
     # 4. distil: local (each position to its teacher layer), then global KD --------------------------
     local_dir = work / "local"
@@ -284,35 +305,34 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
         stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
-        steps_guess = max(1, int(train_time / step_s))
-        try:
-            result = train(TrainConfig(
-                student=str(start_from), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
-                out=str(kd_dir), max_tokens=state["max_tokens"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
-                eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
-                max_time=train_time, resume=kd_dir.exists()))
-        except TrainError as e:
-            raise CompressError(str(e)) from e
-        if result.get("interrupted"):
-            save_state()
-            raise KeyboardInterrupt
+        t0 = time.monotonic()
+        result = distil(start_from, kd_dir, train_time, state["max_tokens"])
         save_state(train_tokens=result["tokens"], train_steps=result["step"],
-                   train_tok_s=result.get("tokens_per_s"))
+                   train_tok_s=result.get("tokens_per_s"),
+                   train_seconds=state.get("train_seconds", 0.0) + time.monotonic() - t0)
+
+    # 4b. the parameter-matched plain model, the same recipe for the same training time -------------
+    base_dir = work / "baseline"
+    if cfg.baseline and not (base_dir / "final_metrics.json").exists():
+        from .baselines import matched
+
+        init_dir = work / "baseline-init"
+        if not (init_dir / "config.json").exists():
+            with atomic_dir(init_dir) as tmp:
+                matched(teacher, state["student_params"]).save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        seconds = state["train_seconds"]
+        stage(4, f"distilling the parameter-matched plain model for the same {_fmt_s(seconds)} (--baseline)")
+        result = distil(init_dir, base_dir, seconds, state["max_tokens"])
+        save_state(baseline_tokens=result["tokens"])
 
     # 5. evaluate, write ----------------------------------------------------------------------------
     stage(5, "evaluating and writing the checkpoint")
-    student, _ = load_pretrained(str(kd_dir), device=device)
-    after = perplexity(student, stream, context_len=cfg.seq_len, stride=cfg.seq_len)["ppl"]
-    agree = teacher_agreement(student, teacher, eval_seqs)
-    gens = []
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-        pair = {"prompt": prompt}
-        for name, m in (("teacher", teacher), ("student", student)):
-            seq = m.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-            pair[name] = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True)
-        gens.append(pair)
+    models = {"teacher": teacher, "student": load_pretrained(str(kd_dir), device=device)[0]}
+    if cfg.baseline:
+        models["baseline"] = load_pretrained(str(base_dir), device=device)[0]
+    m = measure(models, tok, stream, cfg.seq_len, cfg.paper_tasks, log)
+    student = models["student"]
     params_teacher = sum(p.numel() for p in teacher.parameters())
     params_student = student.parameter_breakdown()["total"]
     summary = {
@@ -321,13 +341,18 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                    "fraction": params_student / params_teacher},
         "heldout_tokens": len(stream),
         "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "after_local": state.get("after_local"),
-                "student": after},
+                "student": m["ppl"]["student"]},
         "local_tokens": state.get("local_tokens"),
-        "top1_agreement": agree["top1_agreement"], "kl": agree["kl"],
+        "top1_agreement": m["agreement"]["student"]["top1_agreement"], "kl": m["agreement"]["student"]["kl"],
         "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
-        "train_tokens_per_s": state.get("train_tok_s"),
-        "seconds": clock.spent, "generations": gens,
+        "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
+        "seconds": clock.spent, "generations": m["generations"], "paper": m["paper"] or None,
     }
+    if cfg.baseline:
+        b = models["baseline"]
+        summary["baseline"] = {"layers": b.config.num_hidden_layers, "params": sum(p.numel() for p in b.parameters()),
+                               "ppl": m["ppl"]["baseline"], "top1_agreement": m["agreement"]["baseline"]["top1_agreement"],
+                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens")}
     with atomic_dir(out) as tmp:
         for f in kd_dir.iterdir():
             if f.is_file() and f.name not in ("train_config.json",):
@@ -337,49 +362,6 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     shutil.rmtree(work, ignore_errors=True)
     log(render_summary(summary))
     return summary
-
-
-def _ranks(recursion: dict) -> str:
-    pattern = recursion.get("rank_pattern")
-    if pattern:
-        return "LoRA ranks " + ", ".join(f"{k} {v}" for k, v in pattern.items())
-    return f"LoRA rank {recursion['lora_rank']}"
-
-
-def render_summary(s: dict) -> str:
-    """The summary table; every sentence is computed from the numbers in `s`."""
-    p, ppl = s["params"], s["ppl"]
-    ratio = ppl["student"] / ppl["teacher"]
-    gain = ppl["converted"] / ppl["student"]
-    lines = [
-        f"# {s['model']} compressed by recursify",
-        "",
-        f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), {_ranks(s['recursion'])}, "
-        f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
-        f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
-        f"{s['train_tokens'] or 0} distillation tokens, {_fmt_s(s['seconds'])} in all.",
-        "",
-        "| model | params | held-out ppl |",
-        "|---|---:|---:|",
-        f"| teacher | {p['teacher'] / 1e6:.1f}M | {ppl['teacher']:.2f} |",
-        f"| converted, before training | {p['student'] / 1e6:.1f}M | {ppl['converted']:.4g} |",
-    ]
-    if ppl.get("after_local") is not None:
-        lines.append(f"| after local distillation ({s['local_tokens']} tokens) | {p['student'] / 1e6:.1f}M | "
-                     f"{ppl['after_local']:.4g} |")
-    lines += [
-        f"| compressed | {p['student'] / 1e6:.1f}M ({p['fraction']:.0%}) | {ppl['student']:.2f} |",
-        "",
-        f"Top-1 agreement with the teacher: {s['top1_agreement']:.3f} (KL {s['kl']:.3f} nats/token) on "
-        f"{s['heldout_tokens']} held-out tokens. The compressed model's perplexity is {ratio:.2f}x the teacher's; "
-        f"training lowered it {gain:.3g}-fold from the converted model's.",
-        "",
-        "| prompt | teacher | compressed |",
-        "|---|---|---|",
-    ]
-    esc = lambda t: t.replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
-    lines += [f"| {esc(g['prompt'])} | {esc(g['teacher'])} | {esc(g['student'])} |" for g in s["generations"]]
-    return "\n".join(lines) + "\n"
 
 
 __all__ = ["CompressConfig", "CompressError", "compress", "parse_duration", "render_summary"]

@@ -29,6 +29,8 @@ def compress(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Distillation tokens at most (default: what the budget allows)."),
     local_fraction: float = typer.Option(0.0, "--local-fraction", help="Share of the training time for local distillation first (each position learns its teacher layer's output; no head, no teacher logits), the rest global KD. 0: KD only."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for perplexity and agreement."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also distil the parameter-matched plain model (the largest evenly spaced subset of the teacher's layers with no more parameters) for the same training time, and report it beside the compressed one. Adds that training time after the budget."),
+    paper_tasks: int = typer.Option(0, "--paper-tasks", help="Evaluate teacher, compressed (and baseline) on the first N items of each of the paper's seven benchmarks (needs recursify[eval]; adds its time after the budget). 0: skip."),
     overwrite: bool = typer.Option(False, help="Replace --out and discard an interrupted run."),
 ):
     """Calibrate, convert, distil and evaluate in one go, within a time budget.
@@ -47,7 +49,7 @@ def compress(
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, eval_tokens=eval_tokens,
-                             overwrite=overwrite)
+                             baseline=baseline, paper_tasks=paper_tasks, overwrite=overwrite)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False))
     except CompressError as e:
         raise CLIError(str(e)) from e

@@ -1,0 +1,126 @@
+"""What `recursify compress` measures at the end and how it reads: the models side by side on the
+same held-out text (perplexity, agreement with the teacher, greedy generations, optionally the
+paper's seven benchmarks), and `summary.md`, whose every sentence is computed from those numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n   ", "The most important thing about a list is")
+LABELS = {"teacher": "teacher", "student": "compressed", "baseline": "plain model, same size and training"}
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@torch.no_grad()
+def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: int,
+            log: Callable[[str], None] = print) -> dict:
+    """Per model (the teacher first): held-out perplexity, agreement with the teacher, generations,
+    and with `paper_items` > 0 the seven benchmarks on their first `paper_items` items."""
+    from .eval.metrics import perplexity, teacher_agreement
+
+    teacher = models["teacher"]
+    device = next(teacher.parameters()).device
+    seqs = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
+    res: dict = {"ppl": {}, "agreement": {}, "generations": [], "paper": {}}
+    for name, model in models.items():
+        if name != "teacher":
+            res["ppl"][name] = perplexity(model, stream, context_len=seq_len, stride=seq_len)["ppl"]
+            res["agreement"][name] = teacher_agreement(model, teacher, seqs)
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        pair = {"prompt": prompt}
+        for name, model in models.items():
+            seq = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+            pair[name] = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True)
+        res["generations"].append(pair)
+    if paper_items:
+        import warnings
+
+        from .eval.harness import run_paper_tasks
+
+        for name, model in models.items():
+            log(f"      the paper's seven tasks, first {paper_items} items each: {LABELS[name]}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                paper = run_paper_tasks(model, tokenizer=tok, limit=paper_items, batch_size=8, device=str(device))
+            res["paper"][name] = {"average": paper["average"],
+                                  "tasks": {k: v["value"] for k, v in paper["tasks"].items()}}
+    return res
+
+
+def _ranks(recursion: dict) -> str:
+    pattern = recursion.get("rank_pattern")
+    if pattern:
+        return "LoRA ranks " + ", ".join(f"{k} {v}" for k, v in pattern.items())
+    return f"LoRA rank {recursion['lora_rank']}"
+
+
+def render_summary(s: dict) -> str:
+    """The summary table; every sentence is computed from the numbers in `s`."""
+    p, ppl = s["params"], s["ppl"]
+    ratio = ppl["student"] / ppl["teacher"]
+    gain = ppl["converted"] / ppl["student"]
+    base = s.get("baseline")
+    lines = [
+        f"# {s['model']} compressed by recursify",
+        "",
+        f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), {_ranks(s['recursion'])}, "
+        f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
+        f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
+        f"{s['train_tokens'] or 0} distillation tokens, {fmt_seconds(s['seconds'])} in all.",
+        "",
+        "| model | params | held-out ppl | top-1 agreement |",
+        "|---|---:|---:|---:|",
+        f"| teacher | {p['teacher'] / 1e6:.1f}M | {ppl['teacher']:.2f} | 1 |",
+        f"| converted, before training | {p['student'] / 1e6:.1f}M | {ppl['converted']:.4g} | – |",
+    ]
+    if ppl.get("after_local") is not None:
+        lines.append(f"| after local distillation ({s['local_tokens']} tokens) | {p['student'] / 1e6:.1f}M | "
+                     f"{ppl['after_local']:.4g} | – |")
+    lines.append(f"| compressed | {p['student'] / 1e6:.1f}M ({p['fraction']:.0%}) | {ppl['student']:.2f} | "
+                 f"{s['top1_agreement']:.3f} |")
+    if base:
+        lines.append(f"| plain {base['layers']}-layer model, same training time ({base['train_tokens']} tokens) | "
+                     f"{base['params'] / 1e6:.1f}M ({base['params'] / p['teacher']:.0%}) | {base['ppl']:.2f} | "
+                     f"{base['top1_agreement']:.3f} |")
+    lines += [
+        "",
+        f"Top-1 agreement with the teacher: {s['top1_agreement']:.3f} (KL {s['kl']:.3f} nats/token) on "
+        f"{s['heldout_tokens']} held-out tokens. The compressed model's perplexity is {ratio:.2f}x the teacher's; "
+        f"training lowered it {gain:.3g}-fold from the converted model's.",
+    ]
+    if base:
+        better = "below" if ppl["student"] < base["ppl"] else "not below"
+        lines[-1] += (f" It is {better} the parameter-matched plain model's ({ppl['student']:.2f} against "
+                      f"{base['ppl']:.2f}, {base['ppl'] / ppl['student']:.2f}x).")
+    paper = s.get("paper") or {}
+    if paper:
+        from .eval.harness import DISPLAY_NAMES
+
+        names = list(paper["teacher"]["tasks"])
+        lines += ["", f"The paper's seven benchmarks, first {s['config']['paper_tasks']} items each:", "",
+                  "| model | " + " | ".join(DISPLAY_NAMES.get(n, n) for n in names) + " | average |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        for who, r in paper.items():
+            lines.append(f"| {LABELS[who]} | " + " | ".join(f"{100 * r['tasks'][n]:.1f}" for n in names)
+                         + f" | {100 * r['average']:.1f} |")
+        gap = 100 * (paper["teacher"]["average"] - paper["student"]["average"])
+        lines += ["", f"The compressed model's average is {gap:.1f} points below the teacher's."]
+    lines += ["", "| prompt | " + " | ".join(LABELS[k] for k in ("teacher", "student", "baseline")
+                                             if k in s["generations"][0]) + " |",
+              "|---|---|---|" + ("---|" if base else "")]
+    esc = lambda t: t.replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
+    for g in s["generations"]:
+        lines.append(f"| {esc(g['prompt'])} | " + " | ".join(esc(g[k]) for k in ("teacher", "student", "baseline")
+                                                           if k in g) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PROMPTS", "fmt_seconds", "measure", "render_summary"]
