@@ -17,6 +17,7 @@ import recursify as rf
 import recursify.bench.serve as bench
 from recursify.bench.rows import hf_batching_unavailable
 from recursify.bench.student import StudentError, check_student
+from recursify.engine.exit_classifier import fit_exit_classifier
 from tiny_models import make
 
 
@@ -46,6 +47,9 @@ def saved(tmp_path_factory):
             p.add_(0.02 * torch.randn_like(p))
     student.save_pretrained(root / "student")
     tok.save_pretrained(root / "student")
+    clf = fit_exit_classifier(student, torch.randint(2, 97, (4, 16)).split(2), steps=20)
+    clf.meta["threshold"] = 0.5  # as `recursify exits fit` would calibrate it
+    clf.save(root / "student")
     return root
 
 
@@ -89,7 +93,8 @@ def test_bench_serves_the_saved_student_and_measures_every_policy(saved, tmp_pat
     assert rows["(c)"]["agreement"] == 1.0
     # Each policy: measured cost, agreement and speed, in the table's JSON.
     policies = {p["policy"]: p for p in res["policies"]}
-    assert set(policies) == {"confidence", "entropy", "saturation"}
+    assert set(policies) == {"confidence", "entropy", "saturation", "classifier"}  # the student has a classifier file
+    assert policies["classifier"]["threshold"] == 0.5 and "calibrated" in rows[policies["classifier"]["row"]]["label"]
     for p in policies.values():
         assert p["exit_checks"] > 0 and p["exit_us_per_check"] > 0 and p["exit_ms_per_step"] > 0
         assert 0 <= p["agreement"] <= 1 and p["output_tok_s"] > 0 and 1 <= p["mean_exit_depth"] <= 2

@@ -99,6 +99,33 @@ def test_one_defaulting_rule():
         resolve_exit(cfg, 0.8)
 
 
+def test_classifier_mode_defaults_to_the_calibrated_threshold():
+    assert ExitConfig("confidence").threshold == 0.9 and ExitConfig("classifier").threshold is None
+    assert resolve_exit("classifier") == ExitConfig("classifier", None)
+    assert resolve_exit("classifier", 0.7) == ExitConfig("classifier", 0.7)
+    assert resolve_exit(ExitConfig("classifier"), 0.8) == ExitConfig("classifier", 0.8)
+    with pytest.raises(ParamError, match=r"\(0, 1\]"):
+        resolve_exit("classifier", 1.5)
+
+
+def test_classifier_scores_by_hand():
+    from recursify.engine.exit_classifier import ExitClassifier
+
+    clf = ExitClassifier(2, 2, {"threshold": 0.6})
+    clf.weight.data = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    clf.bias.data = torch.tensor([0.0, -1.0])
+    h = torch.tensor([[0.5, 9.0], [9.0, 1.0], [0.2, 0.0]])
+    loops = [0, 1, 0]  # rows 0 and 2 read probe 1, row 1 probe 2: logits 0.5, 2 - 1 = 1, 0.2
+    policy = ExitPolicy(ExitConfig("classifier"), clf)  # no norm given: the identity
+    assert policy.config.threshold == 0.6  # sigmoid: 0.6225, 0.7311, 0.5498
+    assert policy.decisions(loops, [None] * 3, h, None, None) == ([True, True, False], None)
+    doubled = ExitPolicy(ExitConfig("classifier", 0.74), clf, norm=lambda x: 2 * x)  # logits 1, 3, 0.4
+    assert doubled.decisions(loops, [None] * 3, h, None, None) == ([False, True, False], None)
+    assert not policy.uses_head and not policy.needs_previous
+    with pytest.raises(ParamError, match="needs an exit classifier"):
+        ExitPolicy(ExitConfig("classifier"))
+
+
 # ---------------------------------------------------------------- the engine's decisions
 def _model(num_loops=3):
     model = rf.convert(make("llama"), rf.RecursionConfig(num_loops=num_loops, lora_rank=4), progress=False)

@@ -351,6 +351,19 @@ def test_serve_refuses_what_is_not_a_causal_lm_folder(tmp_path):
         assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+def test_serve_exit_mode_classifier_needs_a_matching_probe_file(tmp_path):
+    from recursify.engine import ExitClassifier
+
+    folder = tmp_path / "rec"
+    rf.convert(make("llama"), rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    for needles in (("exit_classifier.safetensors", "recursify exits fit"), ("hidden size 32", "refit")):
+        with pytest.raises(ValueError) as e:
+            serve(str(folder), port=0, exit_mode="classifier")
+        assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+        ExitClassifier(32, 1, {"threshold": 0.5}).save(folder)  # the second round: the wrong width
+
+
 def test_a_hugging_face_folder_is_served_as_its_one_loop_conversion(tmp_path):
     from recursify.hub import load_for_serving
 

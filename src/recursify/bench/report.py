@@ -62,7 +62,7 @@ def make_plot(rows, path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, style in (("confidence", "o-"), ("entropy", "s-"), ("saturation", "^-")):
+    for mode, style in (("confidence", "o-"), ("entropy", "s-"), ("saturation", "^-"), ("classifier", "P-")):
         sweep = [r for r in rows if r.get("policy") == mode]
         if not sweep:
             continue

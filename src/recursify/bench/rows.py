@@ -9,14 +9,15 @@ from collections import deque
 from .workload import summarize
 
 
-def run_row(model, tok, prompts, arrivals, args, max_batch, exit=None, threshold=None, schedules=None):
+def run_row(model, tok, prompts, arrivals, args, max_batch, exit=None, threshold=None, schedules=None,
+            exit_classifier=None):
     """Serve all requests with Poisson arrivals through `LLMEngine`; per-request tokens, exit
-    depths, timings and the exit policy's measured cost."""
+    depths, timings, the exit policy's measured cost and the threshold it used."""
     from ..engine import LLMEngine, SamplingParams, resolve_exit
 
     engine = LLMEngine(model, tok, max_batch=max_batch, max_model_len=args.prompt_len + args.output_len,
                        exit=resolve_exit(exit, threshold), max_queue=len(prompts) + 1, prefill_chunk=args.prompt_len,
-                       max_num_batched_tokens=max(512, args.prompt_len))
+                       max_num_batched_tokens=max(512, args.prompt_len), exit_classifier=exit_classifier)
     engine.runner.measure = True
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -50,6 +51,7 @@ def run_row(model, tok, prompts, arrivals, args, max_batch, exit=None, threshold
         "steps": steps, "mean_rows_per_step": rows / max(1, steps),
         "mean_exit_depth": sum(depths) / len(depths) if depths else float(engine.num_loops),
         "exit_checks": runner.exit_checks,
+        "exit_threshold": runner.exit.threshold,
         "exit_ms_per_step": 1e3 * runner.exit_seconds / max(1, steps),
         "exit_us_per_check": 1e6 * runner.exit_seconds / runner.exit_checks if runner.exit_checks else 0.0,
         "exit_depths": [r.exit_depths for r in out],

@@ -17,7 +17,9 @@ Every row serves the SAME requests (same prompts, same arrival times); outputs a
   (d0) oracle pass: full depth, records the first loop whose argmax equals the final one
   (d)  oracle exits: the depths found by (d0) replayed as real exits, with state propagation
   (e)  exit policies (confidence, entropy, hidden-state saturation), a threshold sweep each: speed,
-       agreement and the measured cost of the exit decisions per step and per check
+       agreement and the measured cost of the exit decisions per step and per check; when the
+       student folder has an exit classifier (`recursify exits fit`), the learned probe too, at its
+       calibrated threshold and at --classifier-thresholds
   (s)  --speculative K: lossless self-speculative decoding at batch 1 (loop 1 drafts K tokens, the
        full depth verifies them in one pass), against (s0), full depth through the same decoder;
        requests back to back, arrival times ignored
@@ -63,6 +65,9 @@ def parse_args(argv, prog):
     parser.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99", help="confidence exit sweep")
     parser.add_argument("--entropy-thresholds", default="0.5,0.7,0.9", help="entropy exit sweep (empty: skip)")
     parser.add_argument("--saturation-thresholds", default="0.9,0.95,0.99", help="saturation exit sweep (empty: skip)")
+    parser.add_argument("--classifier-thresholds", default="",
+                        help="classifier exit sweep besides its calibrated threshold (needs exit_classifier.safetensors "
+                             "in --student; see `recursify exits fit --help`)")
     parser.add_argument("--hf-batching", action="store_true", help="row (b′): transformers' continuous batching")
     parser.add_argument("--speculative", type=int, default=0, metavar="K",
                         help="rows (s0), (s): lossless self-speculative decoding at batch 1, K loop-1 drafts per round")
@@ -75,7 +80,7 @@ def parse_args(argv, prog):
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     args = parser.parse_args(argv)
-    for flag in POLICY_FLAGS.values():
+    for flag in [*POLICY_FLAGS.values(), "classifier_thresholds"]:
         try:
             setattr(args, flag, [float(x) for x in getattr(args, flag).split(",") if x.strip()])
         except ValueError:
@@ -85,6 +90,21 @@ def parse_args(argv, prog):
     if args.relaxed_ranks is None:
         args.relaxed_ranks = "" if args.student else "64,full"
     return args
+
+
+def student_classifier(folder: str, student, prog: str):
+    """The exit classifier saved in the student's folder (None if there is none), checked against
+    the student; a broken or mismatched one stops the benchmark with one line."""
+    from ..engine.exit_classifier import CLASSIFIER_FILE, ExitClassifier, ExitClassifierError
+
+    if not (Path(folder) / CLASSIFIER_FILE).is_file():
+        return None
+    try:
+        classifier = ExitClassifier.load(folder)
+        classifier.check(student)
+    except ExitClassifierError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    return classifier
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -169,9 +189,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         with console.status(f"loading {args.student}"):
             student, _ = rf.load_pretrained(args.student, device=args.device)
         models[name] = student
+        classifier = student_classifier(args.student, student, prog)
         rec = student_config.recursion
         shape = dict(num_loops=int(rec["num_loops"]), lora_rank=rec.get("lora_rank", 0), strategy=rec.get("strategy", "cycle"))
     else:
+        classifier = None
         shape = dict(num_loops=args.loops, lora_rank=args.rank, strategy="cycle")
         name = f"untrained B={args.loops} r={args.rank}"
         student = build(name, rf.RecursionConfig(init="stepwise", **shape))
@@ -188,6 +210,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         for tau in getattr(args, flag):
             e = serve(student, batch, exit=mode, threshold=tau)
             record(f"(e) {mode[:4]} {tau}", f"+ {mode} exit, τ={tau}", name, student, e, full, policy=mode, threshold=tau)
+    for tau in ([None] + args.classifier_thresholds) if classifier is not None else []:
+        e = serve(student, batch, exit="classifier", threshold=tau, exit_classifier=classifier)
+        t, how = e["exit_threshold"], "calibrated " if tau is None else ""
+        record(f"(e) clas {t:.3g}", f"+ learned exit classifier, {how}τ={t:.3g}", name, student, e, full,
+               policy="classifier", threshold=round(t, 4))
     if args.speculative:
         s0 = run_speculative_row(student, prompts, args, 0)
         record("(s0)", "full depth, batch 1, back to back", name, student, s0, full)

@@ -7,6 +7,6 @@ is a bug and fails loudly: commands never disappear silently.
 """
 
 from .app import CLIError, app, atomic_output_dir, dir_size, human_bytes, main
-from . import compress, convert, evaluate, train, serve, report  # noqa: F401  (importing registers; this order = help order)
+from . import compress, convert, evaluate, train, serve, exits, report  # noqa: F401  (importing registers; this order = help order)
 
 __all__ = ["CLIError", "app", "atomic_output_dir", "dir_size", "human_bytes", "main"]

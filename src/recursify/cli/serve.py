@@ -16,7 +16,7 @@ def serve(
     port: int = typer.Option(8000),
     max_batch: int = typer.Option(8, help="Concurrent sequences (KV-cache slots)."),
     exit_threshold: Optional[float] = typer.Option(None, help="Early-exit threshold in (0, 1]: the exit rule's score must reach it."),
-    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, saturation, oracle."),
+    exit_mode: Optional[str] = typer.Option(None, help="Exit rule: confidence (default with a threshold), entropy, saturation, oracle, or classifier (the probe `recursify exits fit` saved in CHECKPOINT; its calibrated threshold unless --exit-threshold)."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion (default: the model's context)."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),

@@ -17,12 +17,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 
 from ..modeling import RecursiveForCausalLM
 from .kv_cache import KVCache
 from .request import ParamError, Request, RequestOutput, SamplingParams
+from .exit_classifier import FIT_HINT, ExitClassifier, ExitClassifierError
 from .exit_policy import ExitConfig, resolve_exit
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -55,6 +57,18 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def find_exit_classifier(source, model) -> ExitClassifier:
+    """The classifier to serve: `source` if it is one, else loaded from the folder `source` names,
+    else from the folder `model` was loaded from; ExitClassifierError (one line) if there is none."""
+    if isinstance(source, ExitClassifier):
+        return source
+    folder = source or getattr(model, "name_or_path", None)
+    if not folder or not Path(folder).is_dir():
+        raise ExitClassifierError("exit mode 'classifier' needs an exit classifier: pass exit_classifier (a checkpoint "
+                                  f"folder or an ExitClassifier) or load the model from its checkpoint folder; {FIT_HINT}")
+    return ExitClassifier.load(folder)
+
+
 class LLMEngine:
     """Continuous depth-wise batching over a `RecursiveForCausalLM`.
 
@@ -63,6 +77,9 @@ class LLMEngine:
     kv_cache_bytes: optional memory budget; it may lower the number of slots below max_batch.
     exit, exit_threshold: early exit at loop boundaries, an ExitConfig or a mode name and a
     threshold in (0, 1] (see exit_policy.resolve_exit; bad values raise ParamError at once).
+    exit_classifier: for exit mode classifier, an ExitClassifier or the checkpoint folder holding
+    one (default: the folder the model was loaded from); missing or mismatched, it raises a
+    one-line ValueError here, before the KV cache is allocated.
     A vanilla model, `rf.convert(hf_model, RecursionConfig(num_loops=1))`, gives ordinary
     continuous batching: each step runs the whole depth.
     """
@@ -80,6 +97,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         prefill_chunk: int = 256,
         max_queue: int = 256,
+        exit_classifier=None,
     ):
         if not isinstance(model, RecursiveForCausalLM):
             raise TypeError(
@@ -87,6 +105,10 @@ class LLMEngine:
                 "wrap a Hugging Face model with rf.convert(model, rf.RecursionConfig(num_loops=1))"
             )
         exit = resolve_exit(exit, exit_threshold)
+        classifier = None
+        if exit.mode == "classifier" and model.layout.loopable and model.layout.num_loops > 1:
+            classifier = find_exit_classifier(exit_classifier, model)
+            classifier.check(model)
         self.model = model.eval()
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(max_model_len or min(limit, 2048))
@@ -99,7 +121,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache.slots, max_num_batched_tokens, prefill_chunk, max_queue,
                                    tokenizer=tokenizer, eos_ids=eos_token_ids(model, tokenizer),
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, exit)
+        self.runner = ModelRunner(model, self.cache, exit, classifier)
         if self.runner.note:
             log.warning(self.runner.note)
         self.requests: dict[str, Request] = {}

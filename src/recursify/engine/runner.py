@@ -8,7 +8,8 @@ at once with per-row unrolled positions (each row gathers its own LoRA and norms
 coda steps run on the rows that have them.
 
 At a loop boundary a decode row may exit, as the exit policy (exit_policy.py) decides: from the
-shared head's logits (confidence, entropy) or from its residual stream alone (saturation). The
+shared head's logits (confidence, entropy) or from its residual stream alone (saturation, or the
+learned probe of exit_classifier.py, which follows the model's device and dtype). The
 keys/values of the depths it skipped are still needed by later tokens, so they are filled from
 the exit hidden state (CALM's state propagation) with the model's `kv_projection`, batched per
 shared slot, in the same step.
@@ -64,7 +65,10 @@ class _Group:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, exit_config: ExitConfig | None = None):
+    """`exit_classifier` (an ExitClassifier) is read in exit mode classifier only; it is checked
+    against the model and moved to the model's device and dtype."""
+
+    def __init__(self, model, cache: KVCache, exit_config: ExitConfig | None = None, exit_classifier=None):
         self.model = model
         self.cache = cache
         self.exit = exit_config or ExitConfig()
@@ -91,7 +95,11 @@ class ModelRunner:
             for j in range(width):
                 if len({p[stage][j].slot for p in self.plan if j < len(p[stage])}) > 1:
                     raise ValueError(f"layout {layout.strategy!r}: loops disagree on the slot of {stage} step {j}")
-        self.policy = ExitPolicy(self.exit)
+        if self.exit.mode == "classifier" and self.num_loops < 2:
+            self.exit = ExitConfig("none")  # one loop: no boundary for a probe to read
+        classifier = exit_classifier.bind(model) if self.exit.mode == "classifier" and exit_classifier else None
+        self.policy = ExitPolicy(self.exit, classifier, model.final_norm)
+        self.exit = self.policy.config  # the threshold in use (classifier: the calibrated one by default)
         self.measure = False  # synchronize a GPU around exit decisions so their timing is exact
         self.exit_seconds = 0.0  # time spent deciding exits (head included for head modes)
         self.exit_checks = 0  # rows offered an exit

@@ -256,7 +256,9 @@ def serve(
     """Load a checkpoint and serve it until SIGINT/SIGTERM (which drain in-flight requests).
 
     exit_threshold enables confidence-based early exit (max softmax probability >= threshold);
-    exit_mode picks another rule ("entropy", "oracle"). `threads` sets torch's intra-op threads.
+    exit_mode picks another rule ("entropy", "saturation", "oracle", or "classifier": the probe
+    saved next to the checkpoint by `recursify exits fit`, at its calibrated threshold unless
+    exit_threshold is given). `threads` sets torch's intra-op threads.
     """
     import torch
     import uvicorn
@@ -264,11 +266,16 @@ def serve(
     from ..hub import load_for_serving
 
     exit_cfg = resolve_exit(exit_mode, exit_threshold)  # raises ParamError (one line) before any loading
+    classifier = None
+    if exit_cfg.mode == "classifier":  # a missing probe file is one line before any weights are read
+        from ..engine.exit_classifier import ExitClassifier
+
+        classifier = ExitClassifier.load(checkpoint)
     model, tokenizer = load_for_serving(checkpoint)
     if threads:
         torch.set_num_threads(threads)
     engine = LLMEngine(model, tokenizer, max_batch=max_batch, max_model_len=max_model_len,
-                       kv_cache_bytes=kv_cache_bytes, exit=exit_cfg, max_queue=max_queue)
+                       kv_cache_bytes=kv_cache_bytes, exit=exit_cfg, max_queue=max_queue, exit_classifier=classifier)
     name = model_name or Path(checkpoint).name or str(checkpoint)
     app = create_app(engine, name, tokenizer, drain_timeout=drain_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout))
