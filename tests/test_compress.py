@@ -65,6 +65,7 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(lora_rank="auto", target_params=0.05), "even rank 0"),
     (dict(local_fraction=1.0), "local-fraction"),
     (dict(paper_tasks=-1), "paper-tasks"),
+    (dict(exit_schedule="sometimes"), "exit-schedule"),
 ])
 def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -92,7 +93,8 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     student's own training time; --paper-tasks scores every model on the same items."""
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "with-baseline"
-    s = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 10, baseline=True, paper_tasks=2),
+    s = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 10, baseline=True, paper_tasks=2,
+                     exit_schedule="aggressive"),  # exit losses for the student only: the baseline has no loops
                  log=lambda line: None)
     teacher, _ = rf.load_pretrained(str(teacher_dir / "teacher"))
     per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())

@@ -47,6 +47,7 @@ class CompressConfig:
     max_tokens: int | None = None  # training tokens at most (default: what the budget can use)
     local_fraction: float = 0.0  # share of the training time spent on local distillation before KD
     local_tokens: int = 65_536  # training tokens the local stage cycles over
+    exit_schedule: str = "none"  # early-exit losses at loop ends during KD (see recursify train)
     eval_tokens: int = 4096
     baseline: bool = False  # also distil the parameter-matched plain model for the same training time
     paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
@@ -55,6 +56,10 @@ class CompressConfig:
     def validate(self) -> None:
         if self.time_budget <= 0:
             raise CompressError(f"--time-budget must be positive, got {self.time_budget}")
+        from .train.losses import EXIT_SCHEDULES
+
+        if self.exit_schedule not in EXIT_SCHEDULES:
+            raise CompressError(f"--exit-schedule must be one of {', '.join(EXIT_SCHEDULES)}, got {self.exit_schedule!r}")
         if self.paper_tasks < 0:
             raise CompressError(f"--paper-tasks is a number of items per task (0: none), got {self.paper_tasks}")
         for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
@@ -265,6 +270,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
+                exit_schedule=cfg.exit_schedule if run_dir == kd_dir else "none",
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
                 max_time=seconds, resume=run_dir.exists()))
         except TrainError as e:
@@ -305,11 +311,10 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
         stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
-        t0 = time.monotonic()
         result = distil(start_from, kd_dir, train_time, state["max_tokens"])
-        save_state(train_tokens=result["tokens"], train_steps=result["step"],
-                   train_tok_s=result.get("tokens_per_s"),
-                   train_seconds=state.get("train_seconds", 0.0) + time.monotonic() - t0)
+        steps = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+        save_state(train_tokens=result["tokens"], train_steps=result["step"], train_tok_s=result.get("tokens_per_s"),
+                   train_seconds=sum(r["step_s"] for r in steps))  # all attempts' steps, resumes included
 
     # 4b. the parameter-matched plain model, the same recipe for the same training time -------------
     base_dir = work / "baseline"
