@@ -166,6 +166,8 @@ def test_report_bad_inputs(tiny, tmp_path):
     assert_clean_error(res, "not a causal language model")
     res = run("report", "--list")
     assert res.returncode == 0 and "truncated-kd" in res.stdout and "rec-cycle-average-r64-kd-exit_aggressive" in res.stdout
+    assert all(f"rec-cycle-average-r64-{k} " in res.stdout for k in ("cal", "cal-kd", "cal-local-kd", "alloc", "alloc-kd"))
+    assert_clean_error(run("report", "--calib-tokens", "10", "--list"), "calib_tokens=10 is less than one sequence")
 
 
 def test_eval_bad_inputs(tiny, tmp_path):

@@ -21,9 +21,14 @@ from recursify.report import Budget, ReportConfig, ReportError, plan_cells, run_
 from test_train import word_tokenizer, write_corpus
 from tiny_models import COMMON, make
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BUDGET = Budget(name="test", train_tokens=256, seq_len=16, batch_size=8, lr=1e-3, warmup_steps=1, eval_tokens=512,
                 eval_context=32, agreement_tokens=128, task_limit=2, curve_points=2, train_grid=False,
-                ranks=(0, 4, "full"), batch_eval=8)
+                ranks=(0, 4, "full"), batch_eval=8, calib_tokens=512)
+CALIBRATION_KEYS = {"rec-cycle-average-r4", "rec-cycle-average-r4-kd", "rec-cycle-average-r4-cal",
+                    "rec-cycle-average-r4-cal-kd", "rec-cycle-average-r4-cal-local-kd", "rec-cycle-average-r4-alloc",
+                    "rec-cycle-average-r4-alloc-kd"}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +175,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         ReportConfig(train_tokens=10).resolve_budget()
     with pytest.raises(ReportError, match="at least 1 item per task"):
         ReportConfig(task_limit=0).resolve_budget()
+    with pytest.raises(ReportError, match="calib_tokens=100 is less than one sequence of 128 tokens"):
+        ReportConfig(calib_tokens=100).resolve_budget()
     with pytest.raises(ReportError, match="fetch_corpora"):
         from recursify.report.runner import ReportRunner
 
@@ -284,3 +291,147 @@ def test_report_header_follows_the_tokens_and_benchmarks_measured():
     assert same[2] == "- Benchmarks: not run."
     short = header({"truncated-kd": 400, "rec-cycle-average-r0-kd": 1000})
     assert "the same for every baseline" not in short[0] and short[0].endswith("the trained cells saw 400, 1,000 tokens.")
+
+
+# ------------------------------------------------------------------ calibrated conversion
+
+
+def test_calibration_cells_are_planned_and_reported(report):
+    """The seven cells are in the plan; report.md's section shows their measured numbers; tokens are equal."""
+    from recursify.report.render import _fmt_ppl
+
+    root, _, summary = report
+    planned = {c.key: c for c in plan_cells(BUDGET, benchmarks=False)}
+    assert CALIBRATION_KEYS <= {k for k, c in planned.items() if "calibration" in c.tags}
+    text = (root / "out" / "report.md").read_text()
+    section = text.split("## Calibrated conversion (r=4, cycle, average init)")[1].split("## Early-exit recipes")[0]
+    assert f"Tokens are the report's budget currency: every trained row saw {BUDGET.train_tokens:,} training tokens" in section
+    for key in CALIBRATION_KEYS:
+        assert _fmt_ppl(cell(summary, key)["ppl"]) in section
+    local, kd = cell(summary, "rec-cycle-average-r4-cal-local-kd"), cell(summary, "rec-cycle-average-r4-cal-kd")
+    step = BUDGET.batch_size * BUDGET.seq_len  # 0.3 of the budget's 2 steps rounds to 1 local step
+    assert (local["local_tokens"], local["kd_tokens"], local["train_tokens"]) == (step, step, BUDGET.train_tokens)
+    assert kd["train_tokens"] == BUDGET.train_tokens and "local_tokens" not in kd
+    assert f"| {step:,} + {step:,} |" in section and f"| 0 + {BUDGET.train_tokens:,} |" in section
+    notes = json.loads((root / "out" / "results.json").read_text())["calibration_notes"]
+    assert [n["name"] for n in notes] == ["Calibrated vs plain conversion, untrained", "Calibrated vs plain conversion, after KD",
+                                          "Local distillation + KD vs KD", "Allocated vs uniform ranks"]
+    assert all(f"- **{n['name']}**: {n['text']}" in section for n in notes)
+    assert len(list((root / "out" / ".cache" / "calibration").glob("*.safetensors"))) == 1  # statistics computed once
+
+
+def test_calibrated_cell_is_the_library_recipe_by_hand(report):
+    """On the tiny random model the calibrated conversion does not score a lower perplexity than the plain
+    one (both sit near the vocabulary size), so check exactness instead: the cell's model and number are
+    collect_stats + convert(calibration=) + sequential_calibrate on the same sequences, done by hand."""
+    from recursify.calibrate import calibration_sequences, collect_stats
+    from recursify.eval.metrics import perplexity
+    from recursify.report.plan import Cell
+    from recursify.report.runner import ReportRunner
+    from recursify.sequential import sequential_calibrate
+
+    root, cfg, summary = report
+    teacher, tok = rf.load_pretrained(str(root / "teacher"))
+    seqs = calibration_sequences(cfg.data, tok, BUDGET.calib_tokens, BUDGET.seq_len)
+    assert seqs.shape == (BUDGET.calib_tokens // BUDGET.seq_len, BUDGET.seq_len)
+    stats = collect_stats(teacher, seqs, progress=False)
+    hand = rf.convert(teacher, rf.RecursionConfig(num_loops=2, init="average", lora_rank=4), progress=False,
+                      calibration=stats)
+    sequential_calibrate(hand, teacher, seqs[: len(seqs) // 2], progress=False)
+
+    runner = ReportRunner(cfg)
+    runner.setup()
+    built = runner.build(Cell(model="recursive", strategy="cycle", init="average", rank=4, calibration="calibrated"))
+    ids = seqs[:2]
+    with torch.no_grad():
+        assert torch.allclose(built(ids, use_cache=False).logits, hand(ids, use_cache=False).logits, atol=1e-5)
+    ppl = perplexity(hand, runner.stream, context_len=BUDGET.eval_context, stride=BUDGET.eval_context // 2,
+                     batch_size=BUDGET.batch_eval)["ppl"]
+    assert cell(summary, "rec-cycle-average-r4-cal")["ppl"] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_allocated_cell_holds_the_uniform_parameter_count(report):
+    """Allocated ranks: not above uniform r=4's parameters, and short of them by less than one rank step."""
+    _, _, summary = report
+    uniform, alloc = cell(summary, "rec-cycle-average-r4-cal"), cell(summary, "rec-cycle-average-r4-alloc")
+    L, h, f = COMMON["num_hidden_layers"], COMMON["hidden_size"], COMMON["intermediate_size"]
+    widest_step = L * (h + f)  # one more rank of an MLP linear at every position: the largest step
+    assert 0 <= uniform["params"] - alloc["params"] < widest_step
+    assert cell(summary, "rec-cycle-average-r4-alloc-kd")["params"] == alloc["params"]
+    assert set(alloc["rank_pattern"]) == {"q", "k", "v", "o", "gate", "up", "down"}  # one rank per linear
+
+
+def test_calibration_settings_fingerprint_only_the_calibrated_cells(tmp_path):
+    """A new calib_tokens recomputes the calibrated cells only; local_fraction only the local one; every
+    other cell keeps the fingerprint it had before the calibration fields existed."""
+    import dataclasses
+    import hashlib
+
+    from recursify.report.runner import ReportRunner
+
+    for name in ("d", "h"):
+        (tmp_path / name).write_text("x")
+    cfg = ReportConfig(budget=BUDGET, out=str(tmp_path / "o"), data=[str(tmp_path / "d")], heldout=[str(tmp_path / "h")])
+    a, b, c = (ReportRunner(dataclasses.replace(cfg, budget=x)) for x in
+               (BUDGET, dataclasses.replace(BUDGET, calib_tokens=256), dataclasses.replace(BUDGET, local_fraction=0.5)))
+    for k in plan_cells(BUDGET, benchmarks=False):
+        calibrated, local = k.key.endswith(("-cal", "-alloc", "-cal-kd", "-alloc-kd", "-local-kd")), k.local
+        assert (a.fingerprint_of(k) != b.fingerprint_of(k)) == calibrated, k.key
+        assert (a.fingerprint_of(k) != c.fingerprint_of(k)) == local, k.key
+    old = {f: v for f, v in dataclasses.asdict(BUDGET).items()
+           if f not in ("calib_tokens", "sequential_fraction", "local_fraction")}
+    blob = json.dumps({**old, "model": cfg.model, "data": cfg.data, "heldout": cfg.heldout}, sort_keys=True, default=str)
+    assert a.fingerprint_of(plan_cells(BUDGET)[0]) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+CAL = {"rec-cycle-average-r8": 100.0, "rec-cycle-average-r8-cal": 60.0, "rec-cycle-average-r8-alloc": 59.0,
+       "rec-cycle-average-r8-kd": 40.0, "rec-cycle-average-r8-cal-kd": 30.0, "rec-cycle-average-r8-cal-local-kd": 30.3,
+       "rec-cycle-average-r8-alloc-kd": 33.0}
+CAL_EXTRA = {"rec-cycle-average-r8-cal": {"params": 2_000_000}, "rec-cycle-average-r8-alloc": {"params": 1_999_000},
+             "rec-cycle-average-r8-cal-kd": {"params": 2_000_000, "train_tokens": 1000},
+             "rec-cycle-average-r8-kd": {"params": 2_000_000, "train_tokens": 1000},
+             "rec-cycle-average-r8-cal-local-kd": {"params": 2_000_000, "train_tokens": 1000, "local_tokens": 300,
+                                                   "kd_tokens": 700}}
+
+
+def test_calibration_notes_follow_the_numbers():
+    """Hand-set perplexities: each sentence states the measured comparison, and flips when the numbers do."""
+    from recursify.report.render_calibrated import calibration_notes, calibration_section
+
+    def notes(**ppl):
+        return {n["name"]: n for n in calibration_notes(_results({**CAL, **ppl}, extra=CAL_EXTRA))}
+
+    n = notes()
+    assert n["Calibrated vs plain conversion, untrained"]["better"] is True
+    assert ("the calibrated conversion scores 60.0 against the plain SVD conversion's 100.0 (-40.0%): calibration lowers "
+            "the converted model's perplexity.") in n["Calibrated vs plain conversion, untrained"]["text"]
+    assert "the calibrated start is still ahead." in n["Calibrated vs plain conversion, after KD"]["text"]
+    local = n["Local distillation + KD vs KD"]
+    assert local["better"] is None and "Spending 300 of 1,000 training tokens (30%)" in local["text"]
+    assert "local distillation moves the perplexity by less than 2% at this budget" in local["text"]
+    alloc = n["Allocated vs uniform ranks"]
+    assert "2.0M parameters against the uniform rank's 2.0M (-1,000)" in alloc["text"] and alloc["better"] is False
+    assert "allocating the ranks (after KD) raises the perplexity" in alloc["text"]
+
+    flipped = notes(**{"rec-cycle-average-r8-cal": 150.0, "rec-cycle-average-r8-cal-kd": 40.2,
+                       "rec-cycle-average-r8-cal-local-kd": 20.0, "rec-cycle-average-r8-alloc-kd": 40.0})
+    assert "calibration raises the converted model's perplexity" in flipped["Calibrated vs plain conversion, untrained"]["text"]
+    assert "the two end within 2% of each other." in flipped["Calibrated vs plain conversion, after KD"]["text"]
+    assert "local distillation lowers the perplexity" in flipped["Local distillation + KD vs KD"]["text"]
+    assert "(after KD) moves the perplexity by less than 2%" in flipped["Allocated vs uniform ranks"]["text"]
+    lost = notes(**{"rec-cycle-average-r8-cal-kd": 40.5})
+    assert "so training erases the calibrated start's lead." in lost["Calibrated vs plain conversion, after KD"]["text"]
+
+    untrained = {k: v for k, v in CAL.items() if not k.endswith("-kd")}
+    only = {n["name"]: n for n in calibration_notes(_results(untrained, extra=CAL_EXTRA))}
+    assert set(only) == {"Calibrated vs plain conversion, untrained", "Allocated vs uniform ranks"}
+    assert "(untrained) moves the perplexity by less than 2%" in only["Allocated vs uniform ranks"]["text"]  # 59 vs 60
+    lower = calibration_notes(_results({**untrained, "rec-cycle-average-r8-alloc": 50.0}, extra=CAL_EXTRA))
+    assert "before training they score 50.0 against the calibrated uniform rank's 60.0 (-16.7%): allocating the " \
+           "ranks (untrained) lowers the perplexity." in lower[-1]["text"]
+    assert calibration_section(_results({"teacher": 20.0})) == []  # nothing measured: no section
+    section = "\n".join(calibration_section(_results(CAL, extra=CAL_EXTRA)))
+    assert "every trained row saw 1,000 training tokens" in section and "| 300 + 700 |" in section
+    uneven = {**CAL_EXTRA, "rec-cycle-average-r8-kd": {"params": 2_000_000, "train_tokens": 900}}
+    assert "the trained rows saw 900, 1,000 training tokens, not the same number" in \
+        "\n".join(calibration_section(_results(CAL, extra=uneven)))

@@ -20,12 +20,15 @@ def report(
     data: str = typer.Option("corpus/python-docs/train", help="Training text (comma-separated files/folders)."),
     heldout: str = typer.Option("corpus/python-docs/heldout", help="Held-out text, other documents than --data."),
     train_tokens: Optional[int] = typer.Option(None, help="Override the budget's KD tokens per trained model."),
+    calib_tokens: Optional[int] = typer.Option(None, help="Override the budget's calibration tokens (training data) "
+                                                          "of the calibrated-conversion cells."),
     limit: Optional[int] = typer.Option(None, help="Override the budget's items per lm-eval task."),
     benchmarks: bool = typer.Option(True, help="Run the seven lm-eval tasks on the main models."),
     rerun: bool = typer.Option(False, help="Recompute every cell instead of reusing finished ones."),
     list_cells: bool = typer.Option(False, "--list", help="Print the planned cells and exit."),
 ):
-    """Ablations and baselines against the paper: strategy x init x rank x {no training, KD}, early-exit recipes.
+    """Ablations and baselines against the paper: strategy x init x rank x {no training, KD}, early-exit recipes,
+    calibrated conversion (plain vs calibrated, local+KD vs KD, uniform vs allocated ranks).
 
     Finished cells are cached in OUT/cells/, so an interrupted report resumes where it stopped.
     Default data comes from scripts/fetch_corpora.sh.
@@ -33,7 +36,7 @@ def report(
     from ..report import ReportConfig, plan_cells, run_report
 
     cfg = ReportConfig(model=model, budget=budget, out=str(out_dir), data=split_list(data), heldout=split_list(heldout),
-                       train_tokens=train_tokens, task_limit=limit, benchmarks=benchmarks, rerun=rerun)
+                       train_tokens=train_tokens, calib_tokens=calib_tokens, task_limit=limit, benchmarks=benchmarks, rerun=rerun)
     if list_cells:
         cells = plan_cells(cfg.resolve_budget(), benchmarks=benchmarks)
         for c in cells:

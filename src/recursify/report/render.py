@@ -1,4 +1,5 @@
-"""Turn finished cells into report.md, results.json and three PNG plots.
+"""Turn finished cells into report.md, results.json and three PNG plots (`plots.py`; the
+calibrated-conversion section is `render_calibrated.py`).
 
 The findings section compares our numbers with the paper's claims one by one. A difference in
 perplexity smaller than `NOISE` (relative) is called inconclusive: a tiny KD budget and a few
@@ -14,11 +15,10 @@ import platform
 from pathlib import Path
 
 from .plan import Cell, middle_rank
+from .plots import PLOTS, plot_all
 
 NOISE = 0.02  # relative perplexity difference below which a comparison is inconclusive
 FULL_RANK_TOL = 1e-3  # the full-rank conversion is exact: only float rounding may move its perplexity
-PLOTS = {"ppl_vs_params": "ppl_vs_params.png", "ppl_vs_tokens": "ppl_vs_tokens.png",
-         "exit_vs_agreement": "exit_vs_agreement.png"}
 
 
 def _rec(**kw) -> str:
@@ -110,7 +110,10 @@ def terminal_summary(summary: dict):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
+    from .render_calibrated import calibration_notes
+
     lines = [f"{f['name']}: {f['verdict'].strip('*')} ({f['ours']})" for f in findings(res)]
+    lines += [f"{n['name']}: {n['text']}" for n in calibration_notes(res)]
     return table, lines
 
 
@@ -312,85 +315,6 @@ def findings(res: Results) -> list[dict]:
     return out
 
 
-# ----------------------------------------------------------------------------------------- plots
-
-
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Label, grid and write one figure (the same finish for every plot of the report)."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_all(res: Results, out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    teacher = res.get("teacher")
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    seen = set()
-    for c in res.summary["cells"]:
-        r, spec = c["result"], c["cell"]
-        if not spec["trained"] or spec["exit_schedule"] != "none" or spec["objective"] != "kd":
-            continue
-        if spec["model"] == "truncated":
-            kind, marker, color = "truncated (first K layers)", "s", "tab:red"
-        elif spec["model"] == "layer_subset":
-            kind, marker, color = "K stepwise layers, no loop", "D", "tab:orange"
-        elif spec["variant"] == "residual":
-            kind, marker, color = "residual", "^", "tab:purple"
-        elif spec["rank"] == 0:
-            kind, marker, color = "recursive r=0 (ablations)", "o", "tab:blue"
-        else:
-            kind, marker, color = "relaxed (ablations)", "o", "tab:green"
-        ax.scatter(r["params"] / 1e6, r["ppl"], c=color, marker=marker, s=36, label=None if kind in seen else kind)
-        seen.add(kind)
-        if spec["model"] == "recursive" and spec["rank"] != 0 and "main" in c["tags"]:
-            ax.annotate(f"r={spec['rank']}", (r["params"] / 1e6, r["ppl"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
-    if teacher:
-        ax.scatter(teacher["params"] / 1e6, teacher["ppl"], c="black", marker="*", s=120, label="teacher")
-    ax.legend(fontsize=7, loc="center right")
-    ax.set_yscale("log")
-    paths["ppl_vs_params"] = _save(fig, ax, out / PLOTS["ppl_vs_params"], "parameters (M)", "held-out perplexity (log)",
-                                   f"After {res.budget['train_tokens']:,} KD tokens: perplexity vs parameters")
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in res.tagged("main"):
-        curve = c["result"].get("curve")
-        if curve:
-            ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", ms=3, label=c["label"])
-    if teacher:
-        ax.axhline(teacher["ppl"], color="black", ls="--", lw=1, label="teacher")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    paths["ppl_vs_tokens"] = _save(fig, ax, out / PLOTS["ppl_vs_tokens"], "KD training tokens",
-                                   "held-out perplexity (log)", "Perplexity during uptraining")
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for c in res.tagged("exits"):
-        curve = c["result"].get("exit_curve")
-        if curve:
-            ax.plot([p["mean_loops"] for p in curve], [p["agreement"] for p in curve], marker="o", ms=3,
-                    label=f"{c['cell']['exit_schedule']} exit loss")
-    ax.legend(fontsize=8)
-    paths["exit_vs_agreement"] = _save(fig, ax, out / PLOTS["exit_vs_agreement"],
-                                       "mean loops run per token (confidence exit)", "top-1 agreement with the teacher",
-                                       "Early exit: depth vs agreement")
-    return paths
-
-
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -403,6 +327,8 @@ def _tokens_note(res: Results) -> str:
 
 
 def render_markdown(res: Results, command: str) -> str:
+    from .render_calibrated import calibration_section
+
     s, b = res.summary, res.budget
     lines = [f"# recursify report: {s['model']}, budget `{b['name']}`", ""]
     lines += [f"Regenerate: `{command}`", ""]
@@ -434,16 +360,20 @@ def render_markdown(res: Results, command: str) -> str:
         lines += [f"- **{f['name']}** — {f['verdict']}", f"  - paper: {f['paper']}", f"  - ours: {f['ours']}"]
     lines += ["", "## Conversion alone (no training): held-out perplexity", "", grid_table(res), "",
               grid_note(res), "",
-              "## After KD", "", trained_table(res), "", f"![perplexity during uptraining]({PLOTS['ppl_vs_tokens']})", "",
-              "## Early-exit recipes", "", exit_table(res), "", f"![exit depth vs agreement]({PLOTS['exit_vs_agreement']})", ""]
+              "## After KD", "", trained_table(res), "", f"![perplexity during uptraining]({PLOTS['ppl_vs_tokens']})", ""]
+    lines += calibration_section(res)
+    lines += ["## Early-exit recipes", "", exit_table(res), "", f"![exit depth vs agreement]({PLOTS['exit_vs_agreement']})", ""]
     return "\n".join(lines)
 
 
 def write_report(summary: dict, out: Path, command: str) -> Path:
+    from .render_calibrated import calibration_notes
+
     out.mkdir(parents=True, exist_ok=True)
     res = Results(summary)
     plot_all(res, out)
-    (out / "results.json").write_text(json.dumps({**summary, "findings": findings(res)}, indent=1, default=str))
+    (out / "results.json").write_text(json.dumps({**summary, "findings": findings(res), "calibration_notes": calibration_notes(res)},
+                                                 indent=1, default=str))
     path = out / "report.md"
     path.write_text(render_markdown(res, command))
     return path

@@ -3,7 +3,10 @@
 Every cell is measured the same way (`measure`): strided held-out perplexity, per-exit perplexity,
 agreement with the teacher, the confidence-exit curve, and optionally the seven lm-eval tasks.
 Trained cells go through the ordinary trainer (`recursify.train.trainer.train`) with the budget's
-KD token count, so a report number means exactly what `recursify train` would give.
+KD token count, so a report number means exactly what `recursify train` would give. Calibrated
+cells convert with the library's own recipe (`calibrate.cached_stats` on the training data, once
+per report and cached in .cache/calibration, `convert(calibration=)`, `sequential_calibrate`,
+`allocate_ranks`); the local+KD cell runs `train.local.local_distill` on part of its tokens first.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ReportConfig:
     heldout: list[str] = field(default_factory=lambda: ["corpus/python-docs/heldout"])
     benchmarks: bool = True  # run the seven lm-eval tasks on the main models
     train_tokens: int | None = None  # override the budget's KD tokens per trained cell
+    calib_tokens: int | None = None  # override the budget's calibration tokens
     task_limit: int | None = None  # override the budget's items per lm-eval task
     rerun: bool = False  # ignore cached cells
     progress: bool = True
@@ -49,6 +53,13 @@ class ReportConfig:
             raise ReportError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if self.train_tokens is not None:
             budget = dataclasses.replace(budget, train_tokens=self.train_tokens)
+        if self.calib_tokens is not None:
+            budget = dataclasses.replace(budget, calib_tokens=self.calib_tokens)
+        if budget.calib_tokens < budget.seq_len:
+            raise ReportError(f"calib_tokens={budget.calib_tokens} is less than one sequence of {budget.seq_len} tokens")
+        if not 0 < budget.sequential_fraction <= 1 or not 0 <= budget.local_fraction < 1:
+            raise ReportError(f"sequential_fraction must be in (0, 1] and local_fraction in [0, 1), got "
+                              f"{budget.sequential_fraction} and {budget.local_fraction}")
         if self.task_limit is not None:
             if self.task_limit < 1:
                 raise ReportError(f"limit must be at least 1 item per task, got {self.task_limit}")
@@ -77,8 +88,14 @@ class ReportRunner:
         for src in list(cfg.data) + list(cfg.heldout):
             if not Path(src).exists():
                 raise ReportError(f"data not found: {src} (fetch the default corpora with scripts/fetch_corpora.sh)")
-        self.fingerprint = self.budget.fingerprint({"model": cfg.model, "data": cfg.data, "heldout": cfg.heldout})
         self._converted: tuple[tuple, object] | None = None
+        self._calibration: tuple[torch.Tensor, object] | None = None  # (sequences, statistics), once per run
+        self._calibrated: dict[tuple, object] = {}  # calibrated conversions, shared by the cells that start from them
+
+    def fingerprint_of(self, cell: Cell) -> str:
+        """What a cached result of `cell` must have been computed with (budget, model, data)."""
+        extra = {"model": self.cfg.model, "data": self.cfg.data, "heldout": self.cfg.heldout}
+        return self.budget.fingerprint(extra, cell.budget_fields)
 
     # ------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -152,6 +169,8 @@ class ReportRunner:
 
         if cell.model == "teacher":
             return self.reference
+        if cell.calibration != "none":
+            return self.build_calibrated(cell)
         if cell.model == "truncated":
             return truncated(self.teacher, self.block)
         recursion = rf.RecursionConfig(**cell.recursion(self.budget.num_loops))
@@ -166,6 +185,61 @@ class ReportRunner:
             top = "full" if "full" in self.budget.ranks else max(r for r in self.budget.ranks if r != "full")
             self._converted = (group, rf.convert(self.teacher, dataclasses.replace(recursion, lora_rank=top), progress=False))
         return with_rank(self._converted[1], cell.rank)
+
+    def calibration(self) -> tuple[torch.Tensor, object]:
+        """(sequences, statistics) of the budget's calibration tokens of the training data: computed once
+        per report run, the statistics cached on disk for the next one (`calibrate.cached_stats`)."""
+        from ..calibrate import CalibrationError, cached_stats, calibration_sequences
+
+        if self._calibration is None:
+            b = self.budget
+            try:
+                seqs = calibration_sequences(self.cfg.data, self.tok, b.calib_tokens, b.seq_len,
+                                             cache_dir=str(self.cache / "tokens"))
+                stats = cached_stats(self.reference, seqs, self.cache / "calibration", progress=False)
+            except CalibrationError as e:
+                raise ReportError(str(e)) from e
+            self._calibration = (seqs, stats)
+        return self._calibration
+
+    def build_calibrated(self, cell: Cell):
+        """Calibrated conversion + sequential refit (benchmarks/recover.py's recipe), with allocated
+        ranks holding the uniform rank's parameter fraction of the teacher for `allocated`."""
+        import recursify as rf
+
+        from ..allocate import allocate_ranks, parameter_count
+        from ..config import ConfigError
+        from ..sequential import sequential_calibrate
+
+        group = (cell.strategy, cell.init, cell.rank, cell.calibration)
+        if group not in self._calibrated:
+            seqs, stats = self.calibration()
+            recursion = rf.RecursionConfig(**cell.recursion(self.budget.num_loops))
+            if cell.calibration == "allocated":
+                target = parameter_count(self.teacher, recursion) / sum(p.numel() for p in self.teacher.parameters())
+                try:
+                    ranks = allocate_ranks(self.teacher, recursion, stats, min(1.0, target))
+                except ConfigError as e:
+                    raise ReportError(str(e)) from e
+                recursion = dataclasses.replace(recursion, lora_rank=0, rank_pattern=ranks)
+            model = rf.convert(self.teacher, recursion, progress=False, calibration=stats).to(self.device)
+            n = max(1, int(len(seqs) * self.budget.sequential_fraction))
+            sequential_calibrate(model, self.teacher, seqs[:n], progress=False)
+            self._calibrated[group] = model
+        return copy.deepcopy(self._calibrated[group])
+
+    def local(self, model, steps: int) -> dict:
+        """Local distillation of `model` in place for `steps` batches of the training data (train.local)."""
+        from ..calibrate import calibration_sequences
+        from ..train.local import local_distill
+
+        b = self.budget
+        tokens = steps * b.batch_size * b.seq_len
+        seqs = calibration_sequences(self.cfg.data, self.tok, tokens, b.seq_len, cache_dir=str(self.cache / "tokens"))
+        done = local_distill(model.to(self.device), self.teacher, seqs, lr=b.lr, batch_size=b.batch_size,
+                             max_steps=steps, warmup=b.warmup_steps, progress=False)
+        return {"local_tokens": done["tokens"], "local_seconds": done["seconds"], "local_steps": done["steps"],
+                "local_loss": [done["first_loss"], done["last_loss"]]}
 
     def measure(self, model, cell: Cell) -> dict:
         from ..eval.evaluate import ExitView
@@ -197,8 +271,9 @@ class ReportRunner:
             r["paper"] = paper
         return r
 
-    def train(self, cell: Cell, model) -> tuple[object, dict, Path]:
-        """Uptrain a saved copy of `model` with the ordinary trainer: (trained model, training facts, work folder)."""
+    def train(self, cell: Cell, model, tokens: int | None = None) -> tuple[object, dict, Path]:
+        """Uptrain a saved copy of `model` with the ordinary trainer on `tokens` (default: the budget's)
+        KD tokens: (trained model, training facts, work folder)."""
         import recursify as rf
 
         from ..train import TrainConfig, train
@@ -208,13 +283,14 @@ class ReportRunner:
         shutil.rmtree(work, ignore_errors=True)
         model.save_pretrained(work / "student")
         self.tok.save_pretrained(work / "student")
-        steps = b.train_tokens // (b.batch_size * b.seq_len)
+        tokens = b.train_tokens if tokens is None else tokens
+        steps = tokens // (b.batch_size * b.seq_len)
         kd = cell.objective == "kd"
         t0 = time.time()
         result = train(TrainConfig(
             student=str(work / "student"), teacher=str(self.teacher_dir) if kd else "none", alpha=1.0 if kd else 0.0,
             data=list(self.cfg.data), heldout=list(self.cfg.heldout), cache_dir=str(self.cache / "tokens"),
-            out=str(work / "run"), max_tokens=b.train_tokens, seq_len=b.seq_len, batch_size=b.batch_size, lr=b.lr,
+            out=str(work / "run"), max_tokens=tokens, seq_len=b.seq_len, batch_size=b.batch_size, lr=b.lr,
             warmup_steps=b.warmup_steps, exit_schedule=cell.exit_schedule, eval_every=max(1, steps // b.curve_points),
             eval_tokens=b.agreement_tokens, save_every=-1, keep_last=1, progress=False, seed=0))
         if result.get("interrupted"):
@@ -236,7 +312,7 @@ class ReportRunner:
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
-        if data.get("fingerprint") != self.fingerprint:
+        if data.get("fingerprint") != self.fingerprint_of(cell):
             return None
         if cell.benchmarks and "paper" not in data["result"]:
             return None
@@ -250,13 +326,22 @@ class ReportRunner:
         if cell.trained:
             if "main" in cell.tags:
                 result["ppl_before"] = self.measure(model, dataclasses.replace(cell, trained=False, benchmarks=False, tags=()))["ppl"]
-            model, facts, work = self.train(cell, model)
+            local = {"local_tokens": 0, "local_seconds": 0.0}
+            if cell.local:  # local distillation first, on the budget's tokens: KD gets the rest
+                local = self.local(model, self.budget.local_steps)
+            model, facts, work = self.train(cell, model, self.budget.train_tokens - local["local_tokens"])
+            if cell.local:
+                facts.update(local, kd_tokens=facts["train_tokens"], train_tokens=facts["train_tokens"] + local["local_tokens"],
+                             train_seconds=facts["train_seconds"] + local["local_seconds"],
+                             curve=[{**p, "tokens": p["tokens"] + local["local_tokens"]} for p in facts["curve"]])
             result.update(facts)
         result.update(self.measure(model, cell))
+        if cell.calibration == "allocated":
+            result["rank_pattern"] = model.recursion.rank_pattern
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         data = {"key": cell.key, "label": cell.label, "cell": {k: v for k, v in dataclasses.asdict(cell).items() if k != "tags"},
-                "tags": list(cell.tags), "fingerprint": self.fingerprint, "result": result, "seconds": time.time() - t0}
+                "tags": list(cell.tags), "fingerprint": self.fingerprint_of(cell), "result": result, "seconds": time.time() - t0}
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         _atomic_json(self.cells_dir / f"{cell.key}.json", data)
         return data
@@ -282,7 +367,7 @@ class ReportRunner:
             computed.append(c.key)
             r = done[c.key]["result"]
             bar.write(f"{c.label:<55} ppl {r['ppl']:>12.4g}   {done[c.key]['seconds']:6.1f} s")
-        self._converted = None
+        self._converted, self._calibration, self._calibrated = None, None, {}
         return {"cells": [done[c.key] for c in cells], "computed": computed, "budget": dataclasses.asdict(self.budget),
                 "model": self.cfg.model, "data": self.cfg.data, "heldout": self.cfg.heldout,
                 "overlap_sequences": self.overlap, "heldout_tokens": int(self.stream.numel())}
@@ -313,6 +398,8 @@ def _command(cfg: ReportConfig) -> str:
         parts.append(f"--heldout {','.join(cfg.heldout)}")
     if cfg.train_tokens is not None:
         parts.append(f"--train-tokens {cfg.train_tokens}")
+    if cfg.calib_tokens is not None:
+        parts.append(f"--calib-tokens {cfg.calib_tokens}")
     if cfg.task_limit is not None:
         parts.append(f"--limit {cfg.task_limit}")
     if not cfg.benchmarks:
