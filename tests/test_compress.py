@@ -130,12 +130,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monk
 
     monkeypatch.setattr(trainer_mod, "train", interrupted)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12), log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):  # asked for the paper's tasks, which the resumed run drops
+        compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12, paper_tasks=5), log=lambda s: None)
     work = tmp_path / ".resumed.work"
     assert (work / "state.json").exists() and not out.exists()
     assert [p.name for p in (work / "kd" / "checkpoints").iterdir()] == ["step-0000003"]
 
+    with pytest.raises(CompressError, match="other settings"):  # a training setting may not change
+        compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12, lr=5e-3), log=lambda s: None)
+    assert (work / "state.json").exists()
     monkeypatch.setattr(trainer_mod, "train", real_train)
     lines = []
     summary = compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12), log=lines.append)

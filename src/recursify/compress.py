@@ -101,9 +101,13 @@ class Clock:
         return self.budget - self.spent
 
 
+# What only decides what is measured at the end: a resumed run may add or drop it.
+EVALUATION_ONLY = ("overwrite", "baseline", "paper_tasks")
+
+
 def _identity(config: dict) -> dict:
     """The settings a resumed run must share with the interrupted one."""
-    return {k: v for k, v in config.items() if k != "overwrite"}
+    return {k: v for k, v in config.items() if k not in EVALUATION_ONLY}
 
 
 def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:

@@ -97,9 +97,9 @@ def render_summary(s: dict) -> str:
         f"training lowered it {gain:.3g}-fold from the converted model's.",
     ]
     if base:
-        better = "below" if ppl["student"] < base["ppl"] else "not below"
-        lines[-1] += (f" It is {better} the parameter-matched plain model's ({ppl['student']:.2f} against "
-                      f"{base['ppl']:.2f}, {base['ppl'] / ppl['student']:.2f}x).")
+        side = "below" if ppl["student"] < base["ppl"] else "above"
+        lines[-1] += (f" It is {side} the parameter-matched plain model's ({ppl['student']:.2f} against "
+                      f"{base['ppl']:.2f}: {ppl['student'] / base['ppl']:.2f}x).")
     paper = s.get("paper") or {}
     if paper:
         from .eval.harness import DISPLAY_NAMES

@@ -51,7 +51,7 @@ def compress(
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule, eval_tokens=eval_tokens,
                              baseline=baseline, paper_tasks=paper_tasks, overwrite=overwrite)
-        summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False))
+        summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     except CompressError as e:
         raise CLIError(str(e)) from e
     out.print(f"wrote {out_dir} ({summary['ppl']['student']:.2f} held-out ppl, teacher {summary['ppl']['teacher']:.2f})")
