@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of a recipe that names none.")
     ap.add_argument("--trainable", default="all", help="What KD trains in a recipe that names nothing: all, lora, "
                                                       "shared or norms (see recursify train).")
+    ap.add_argument("--shared-lr-scale", type=float, default=1.0,
+                    help="LR of the recursive models' shared weights as a fraction of the recipe's lr.")
     ap.add_argument("--out", default="benchmarks/results/recover.json")
     args = ap.parse_args(argv)
     runs = []
@@ -151,6 +153,7 @@ def main(argv=None) -> int:
             student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
             max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, warmup_steps=5,
             trainable=trainable if kind != "baseline" else "all",
+            shared_lr_scale=args.shared_lr_scale if kind != "baseline" else 1.0,
             eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
             progress=False))
         kd_clock = clock
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
                 kd_clock += rec["step_s"]
             elif rec["kind"] == "eval" and rec["step"] > 0:
                 points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
-        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" else "all", "params": params, "points": points, "final_ppl": points[-1]["ppl"],
+        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" else "all",
+               "shared_lr_scale": args.shared_lr_scale if kind != "baseline" else 1.0, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
                "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prep_s}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)

@@ -525,3 +525,27 @@ def test_save_every_minus_one_keeps_only_the_final_model(fx, tmp_path):
     result = train(config(fx, out, save_every=-1))
     assert result["step"] == 12 and list_checkpoints(out) == []
     assert (out / "model.safetensors").exists()
+
+
+def test_shared_lr_scale_sets_the_first_adamw_step_of_shared_weights():
+    """Adam's first step moves every weight with a gradient by exactly its group's lr (m/sqrt(v) = sign g),
+    so with no weight decay the largest change is lr for the LoRA and lr * shared_lr_scale for slots.*."""
+    from types import SimpleNamespace
+
+    from recursify.train.trainer import _optimizer
+
+    torch.manual_seed(0)
+    student = rf.convert(make("llama"), rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False)
+    cfg = TrainConfig(student="x", lr=1e-3, shared_lr_scale=0.25, weight_decay=0.0)
+    cfg.validate()
+    optimizer = _optimizer(SimpleNamespace(cfg=cfg, student=student))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    student(torch.randint(0, COMMON["vocab_size"], (2, 8)), use_cache=False).logits.square().mean().backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in student.named_parameters()}
+    shared = [v for n, v in moved.items() if n.startswith("slots.")]
+    lora = [v for n, v in moved.items() if n.startswith("lora.")]
+    assert shared and lora
+    assert max(shared) == pytest.approx(0.25e-3, rel=1e-3) and max(lora) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(TrainError, match="shared_lr_scale"):
+        TrainConfig(student="x", shared_lr_scale=0).validate()

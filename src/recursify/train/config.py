@@ -24,7 +24,7 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # Fields that change the data order or the LR at a given step: a resume with other values is not
 # the same run any more, so we warn.
 RUN_IDENTITY = ("data", "heldout", "max_tokens", "seq_len", "batch_size", "seed", "lr", "schedule",
-                "warmup_steps", "min_lr", "alpha", "temperature", "exit_schedule", "trainable")
+                "warmup_steps", "min_lr", "alpha", "temperature", "exit_schedule", "trainable", "shared_lr_scale")
 
 
 class TrainError(ValueError):
@@ -81,6 +81,9 @@ class TrainConfig:
                                        "to self_kd unless it is aggressive or self_kd.")
     trainable: str = _f("all", "What to train: all, lora (LoRA and residual diagonals only), shared (slots.* only), "
                                "norms (norms, biases, LoRA, diagonals).")
+    shared_lr_scale: float = _f(1.0, "LR of the shared weights (slots.*) as a fraction of lr: each one takes the "
+                                      "gradients of every position tied to it, so it may want a smaller step than "
+                                      "the LoRA, norms and embeddings.")
     teacher_dtype: str = _f("float32", "Teacher weights dtype: float32 or bfloat16 (halves its memory).")
     mixed_precision: str = _f("auto", "Student autocast: auto (bf16 on GPU, fp32 on CPU), no, bf16.")
     eval_every: int = _f(200, "Held-out evaluation every N steps (0: only at the start and end; -1: never).")
@@ -129,6 +132,7 @@ class TrainConfig:
         need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         need(self.exit_schedule in EXIT_SCHEDULES,
              f"unknown exit_schedule {self.exit_schedule!r}; choose one of {', '.join(EXIT_SCHEDULES)}")
+        need(0 < self.shared_lr_scale <= 10, f"shared_lr_scale must be in (0, 10], got {self.shared_lr_scale}")
         need(self.trainable in TRAINABLE, f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         need(self.teacher_dtype in TEACHER_DTYPES,
              f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}")

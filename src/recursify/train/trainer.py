@@ -230,9 +230,10 @@ def _optimizer(run: Setup) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if not params:
         raise TrainError(f"trainable={cfg.trainable!r} selects no parameter of this student")
-    groups = [
-        {"params": [p for n, p in params if _decays(n)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if not _decays(n)], "weight_decay": 0.0},
+    groups = [  # (decay or not) x (shared weight or not): shared weights may take a smaller step
+        {"params": [p for n, p in params if _decays(n) == decay and n.startswith("slots.") == shared],
+         "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * (cfg.shared_lr_scale if shared else 1.0)}
+        for decay in (True, False) for shared in (False, True)
     ]
     student.train()
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
