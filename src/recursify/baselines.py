@@ -55,25 +55,20 @@ def truncated(model: PreTrainedModel, k: int) -> PreTrainedModel:
     return layer_subset(model, list(range(k)))
 
 
-def stepwise_layers(num_layers: int, k: int) -> list[int]:
-    """k of num_layers source layers, evenly spaced with the first and last kept (as stepwise init)."""
-    if k == 1:
-        return [0]
-    return torch.linspace(0, num_layers - 1, k).round().long().tolist()
-
-
 def matched(model: PreTrainedModel, params: int) -> PreTrainedModel:
     """The plain stepwise layer subset with the most layers whose parameter count is <= `params`."""
+    from .convert import evenly_spaced
+
     family = detect_family(model.config)
     layers = model.get_submodule(family.layers)
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     rest = sum(p.numel() for p in model.parameters()) - sum(per_layer)
     fits = [k for k in range(1, len(layers) + 1)
-            if rest + sum(per_layer[i] for i in stepwise_layers(len(layers), k)) <= params]
+            if rest + sum(per_layer[i] for i in evenly_spaced(0, len(layers) - 1, k)) <= params]
     if not fits:
         raise ValueError(f"no plain subset of this model has at most {params} parameters "
                          f"(one layer and the embeddings already take {rest + min(per_layer)})")
-    return layer_subset(model, stepwise_layers(len(layers), max(fits)))
+    return layer_subset(model, evenly_spaced(0, len(layers) - 1, max(fits)))
 
 
-__all__ = ["layer_subset", "matched", "stepwise_layers", "truncated"]
+__all__ = ["layer_subset", "matched", "truncated"]

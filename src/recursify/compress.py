@@ -266,7 +266,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         save_state(before=before, student_params=student.parameter_breakdown()["total"])
         log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
 
-    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int) -> dict:
+    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int, exit_schedule: str = "none") -> dict:
         """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run."""
         steps_guess = max(1, int(seconds / step_s))
         try:
@@ -274,7 +274,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
-                exit_schedule=cfg.exit_schedule if run_dir == kd_dir else "none",
+                exit_schedule=exit_schedule,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
                 max_time=seconds, resume=run_dir.exists()))
         except TrainError as e:
@@ -315,7 +315,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
         stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
-        result = distil(start_from, kd_dir, train_time, state["max_tokens"])
+        result = distil(start_from, kd_dir, train_time, state["max_tokens"], cfg.exit_schedule)
         steps = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
         save_state(train_tokens=result["tokens"], train_steps=result["step"], train_tok_s=result.get("tokens_per_s"),
                    train_seconds=sum(r["step_s"] for r in steps))  # all attempts' steps, resumes included

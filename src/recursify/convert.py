@@ -25,6 +25,11 @@ AUTO_MAP = {
 }
 
 
+def evenly_spaced(first: int, last: int, k: int) -> list[int]:
+    """k layer indices from first to last, both kept: round(linspace(first, last, k)), half to even."""
+    return torch.linspace(first, last, k).round().long().tolist() if k > 1 else [first]
+
+
 def source_layer_for_slot(layout: Layout, init: str) -> list[int]:
     """Which source layer each slot copies under `stepwise` and `lower`.
 
@@ -34,7 +39,7 @@ def source_layer_for_slot(layout: Layout, init: str) -> list[int]:
     L, e, K = layout.num_layers, layout.edge, layout.block_size
     first, last = e, L - 1 - e
     if init == "stepwise":
-        block = torch.linspace(first, last, K).round().long().tolist() if K > 1 else [first]
+        block = evenly_spaced(first, last, K)
     elif init == "lower":
         block = list(range(first, first + K))
     else:
