@@ -13,9 +13,10 @@ calibrated-local-kd (the same, then --local-fraction of the training time on loc
 before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear),
 baseline-kd (the parameter-matched plain model: the largest stepwise layer subset of the teacher
 with no more parameters than the recursive student, distilled the same way).
-A recipe may carry its own learning rate and trainable set, NAME[:LR[:TRAINABLE]], e.g.
-`--recipes calibrated-kd:1e-3,calibrated-kd:1e-3:norms,baseline-kd:1e-3`; the defaults are --lr
-and --trainable (all, lora, shared or norms, as in `recursify train`).
+A recipe may carry its own learning rate, trainable set and hidden-state distillation weight,
+NAME[:LR[:TRAINABLE[:HIDDEN]]], e.g. `--recipes calibrated-kd:1e-3,calibrated-kd:3e-4:body:1,baseline-kd:1e-3`;
+the defaults are --lr, --trainable (all, body, lora, shared or norms, as in `recursify train`) and
+--hidden-weight.
 """
 
 from __future__ import annotations
@@ -62,14 +63,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of a recipe that names none.")
     ap.add_argument("--trainable", default="all", help="What KD trains in a recipe that names nothing: all, lora, "
                                                       "shared or norms (see recursify train).")
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="Hidden-state distillation weight of a recursive recipe that names none (recursify train "
+                         "--hidden-weight).")
     ap.add_argument("--shared-lr-scale", type=float, default=1.0,
                     help="LR of the recursive models' shared weights as a fraction of the recipe's lr.")
     ap.add_argument("--out", default="benchmarks/results/recover.json")
     args = ap.parse_args(argv)
     runs = []
     for item in args.recipes.split(","):
-        name, lr, trainable = (item.split(":") + [None, None])[:3]
-        runs.append((name, float(lr) if lr else args.lr, trainable or args.trainable))
+        name, lr, trainable, hidden = (item.split(":") + [None, None, None])[:4]
+        runs.append((name, float(lr) if lr else args.lr, trainable or args.trainable,
+                     float(hidden) if hidden else args.hidden_weight))
     recipes = [r[0] for r in runs]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
         return prepared[kind]
 
     rows = []
-    for recipe, lr, trainable in runs:
+    for recipe, lr, trainable, hidden in runs:
         kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline"}.get(recipe, "calibrated")
         folder, prep_s = prepare(kind)
         clock = 0.0
@@ -148,11 +153,12 @@ def main(argv=None) -> int:
             student.save_pretrained(folder)
             tok.save_pretrained(folder)
         del student
-        kd_out = work / f"{recipe}-{lr:g}-{trainable}-kd"
+        hidden = hidden if kind != "baseline" else 0.0
+        kd_out = work / f"{recipe}-{lr:g}-{trainable}-{hidden:g}-kd"
         result = train(TrainConfig(
             student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
             max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, warmup_steps=5,
-            trainable=trainable if kind != "baseline" else "all",
+            trainable=trainable if kind != "baseline" or trainable == "body" else "all", hidden_weight=hidden,
             shared_lr_scale=args.shared_lr_scale if kind != "baseline" else 1.0,
             eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
             progress=False))
@@ -162,17 +168,18 @@ def main(argv=None) -> int:
                 kd_clock += rec["step_s"]
             elif rec["kind"] == "eval" and rec["step"] > 0:
                 points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
-        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" else "all",
+        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" or trainable == "body" else "all",
+               "hidden_weight": hidden,
                "shared_lr_scale": args.shared_lr_scale if kind != "baseline" else 1.0, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
                "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prep_s}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
 
     print(f"\nteacher held-out ppl {teacher_ppl:.2f}; {args.minutes:g} training minutes per recipe\n")
-    print("| recipe | lr | trains | params | prep s | converted ppl | final ppl | KD tokens |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| recipe | lr | trains | hidden | params | prep s | converted ppl | final ppl | KD tokens |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['lr']:g} | {r['trainable']} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | "
+        print(f"| {r['recipe']} | {r['lr']:g} | {r['trainable']} | {r['hidden_weight']:g} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | "
               f"{r['points'][0]['ppl']:.4g} | {r['final_ppl']:.4g} | {r['kd_tokens']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +197,8 @@ def plot(rows, teacher_ppl, path: Path, minutes: float) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        label = f"{r['recipe']} lr {r.get('lr', 3e-4):g}" + (f" ({r['trainable']})" if r.get("trainable", "all") != "all" else "")
+        label = (f"{r['recipe']} lr {r.get('lr', 3e-4):g}" + (f" ({r['trainable']})" if r.get("trainable", "all") != "all" else "")
+                 + (f" hidden {r['hidden_weight']:g}" if r.get("hidden_weight") else ""))
         ax.plot([p["seconds"] for p in r["points"]], [p["ppl"] for p in r["points"]], marker="o", ms=3, label=label)
     ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")

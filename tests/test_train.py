@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import recursify as rf
 from recursify.train import TrainConfig, TrainError, list_checkpoints, main, train
-from recursify.train.losses import LossConfig, distillation_loss, exit_weights, next_token_labels
+from recursify.train.losses import LossConfig, distillation_loss, exit_weights, hidden_state_loss, next_token_labels
 from loss_reference import ce_loss, kd_ce_loss, kd_loss
 from tiny_models import COMMON, make
 
@@ -549,3 +549,52 @@ def test_shared_lr_scale_sets_the_first_adamw_step_of_shared_weights():
     assert max(shared) == pytest.approx(0.25e-3, rel=1e-3) and max(lora) == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(TrainError, match="shared_lr_scale"):
         TrainConfig(student="x", shared_lr_scale=0).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hidden-state distillation and the body trainable set
+# ------------------------------------------------------------------------------------------------
+
+
+def test_hidden_state_loss_by_hand():
+    """Position 0 off by d, position 1 exact, the last position (after the final norm) ignored."""
+    t = [torch.zeros(1, 2, 2), torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]), torch.ones(1, 2, 2), torch.full((1, 2, 2), 9.0)]
+    s = [t[1] + torch.tensor([[[0.0, 5.0], [0.0, 2.0]]]), t[2].clone(), torch.zeros(1, 2, 2)]
+    # position 0: per token |d|^2 / |t|^2 = 25/25 and 4/1 -> mean 2.5; position 1: 0 -> mean over positions 1.25
+    assert hidden_state_loss(s, t).item() == pytest.approx(1.25)
+
+
+def test_hidden_loss_is_zero_at_full_rank_against_the_hf_teacher():
+    """Position p's residual stream lines up with the Hugging Face teacher's hidden_states[p + 1]:
+    the full-rank conversion reproduces it, a rank-0 one does not, and the weighted term is added."""
+    teacher = make("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        t_out = teacher(ids, output_hidden_states=True)
+        full = rf.convert(teacher, rf.RecursionConfig(num_loops=2, lora_rank="full"), progress=False)
+        plain = rf.convert(teacher, rf.RecursionConfig(num_loops=2, lora_rank=0), progress=False)
+        cfg = LossConfig(alpha=1.0, hidden_weight=0.5)
+        exact = distillation_loss(full, ids, t_out.logits, cfg, teacher_hidden=t_out.hidden_states)
+        off = distillation_loss(plain, ids, t_out.logits, cfg, teacher_hidden=t_out.hidden_states)
+        kd_only = distillation_loss(plain, ids, t_out.logits, LossConfig(alpha=1.0))
+    assert exact["hidden"].item() < 1e-9
+    assert off["hidden"].item() > 1e-3
+    assert off["loss"].item() == pytest.approx(kd_only["loss"].item() + 0.5 * off["hidden"].item(), rel=1e-5)
+
+
+def test_hidden_weight_trains_and_refuses_a_plain_student(fx, tmp_path):
+    result = train(config(fx, tmp_path / "hid", hidden_weight=1.0, max_tokens=8 * SEQ * 3, eval_every=-1))
+    assert result["step"] == 3 and math.isfinite(result["loss"])
+    with pytest.raises(TrainError, match="needs a recursive student"):
+        train(config(fx, tmp_path / "plain", student=str(fx / "teacher"), exit_schedule="none", hidden_weight=1.0))
+    assert not (tmp_path / "plain").exists()
+
+
+def test_body_training_leaves_the_embedding_bitwise_unchanged(fx, tmp_path):
+    out = tmp_path / "body"
+    train(config(fx, out, trainable="body", max_tokens=8 * SEQ * 3, eval_every=-1))
+    before = rf.RecursiveForCausalLM.from_pretrained(fx / "student").state_dict()
+    after = rf.RecursiveForCausalLM.from_pretrained(out).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("slots.") for k in changed) and any(k.startswith("lora.") for k in changed)
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in changed)

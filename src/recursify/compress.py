@@ -48,6 +48,8 @@ class CompressConfig:
     local_fraction: float = 0.0  # share of the training time spent on local distillation before KD
     local_tokens: int = 65_536  # training tokens the local stage cycles over
     exit_schedule: str = "none"  # early-exit losses at loop ends during KD (see recursify train)
+    hidden_weight: float = 0.0  # hidden-state distillation: each position also learns its teacher layer's output
+    trainable: str = "all"  # what KD trains (recursify train --trainable); the baseline trains the same set
     eval_tokens: int = 4096
     baseline: bool = False  # also distil the parameter-matched plain model for the same training time
     paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
@@ -60,6 +62,10 @@ class CompressConfig:
 
         if self.exit_schedule not in EXIT_SCHEDULES:
             raise CompressError(f"--exit-schedule must be one of {', '.join(EXIT_SCHEDULES)}, got {self.exit_schedule!r}")
+        if self.trainable not in ("all", "body"):
+            raise CompressError(f"--trainable must be all or body (see recursify train for the others), got {self.trainable!r}")
+        if not self.hidden_weight >= 0:
+            raise CompressError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         if self.paper_tasks < 0:
             raise CompressError(f"--paper-tasks is a number of items per task (0: none), got {self.paper_tasks}")
         for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
@@ -266,7 +272,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         save_state(before=before, student_params=student.parameter_breakdown()["total"])
         log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
 
-    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int, exit_schedule: str = "none") -> dict:
+    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int, exit_schedule: str = "none",
+               hidden_weight: float = 0.0) -> dict:
         """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run."""
         steps_guess = max(1, int(seconds / step_s))
         try:
@@ -274,7 +281,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
-                exit_schedule=exit_schedule,
+                exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=cfg.trainable,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
                 max_time=seconds, resume=run_dir.exists()))
         except TrainError as e:
@@ -315,7 +322,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
         stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
-        result = distil(start_from, kd_dir, train_time, state["max_tokens"], cfg.exit_schedule)
+        result = distil(start_from, kd_dir, train_time, state["max_tokens"], cfg.exit_schedule, cfg.hidden_weight)
         steps = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
         save_state(train_tokens=result["tokens"], train_steps=result["step"], train_tok_s=result.get("tokens_per_s"),
                    train_seconds=sum(r["step_s"] for r in steps))  # all attempts' steps, resumes included

@@ -62,6 +62,17 @@ def _ranks(recursion: dict) -> str:
     return f"LoRA rank {recursion['lora_rank']}"
 
 
+def _recipe(cfg: dict) -> str:
+    """One line: what the distillation optimised and trained."""
+    parts = ["KD on the logits"]
+    if cfg.get("hidden_weight"):
+        parts.append(f"hidden-state distillation at weight {cfg['hidden_weight']:g}")
+    if cfg.get("exit_schedule", "none") != "none":
+        parts.append(f"{cfg['exit_schedule']} early-exit losses")
+    trains = "everything but the embedding and head" if cfg.get("trainable") == "body" else "every weight"
+    return f"Distillation: {' + '.join(parts)}, lr {cfg.get('lr', 3e-4):g}, training {trains}."
+
+
 def render_summary(s: dict) -> str:
     """The summary table; every sentence is computed from the numbers in `s`."""
     p, ppl = s["params"], s["ppl"]
@@ -75,6 +86,7 @@ def render_summary(s: dict) -> str:
         f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
         f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
         f"{s['train_tokens'] or 0} distillation tokens, {fmt_seconds(s['seconds'])} in all.",
+        _recipe(s.get("config") or {}),
         "",
         "| model | params | held-out ppl | top-1 agreement |",
         "|---|---:|---:|---:|",

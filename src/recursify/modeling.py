@@ -44,9 +44,11 @@ REMOTE_CODE = {
 
 @dataclass
 class RecursiveCausalLMOutput(CausalLMOutputWithPast):
-    """`loop_hidden_states[b]` is the residual stream at the end of loop b (before the final norm)."""
+    """`loop_hidden_states[b]` is the residual stream at the end of loop b (before the final norm);
+    `position_hidden_states[p]` the residual stream after unrolled position p."""
 
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+    position_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class SharedLayer(nn.Module):
@@ -351,6 +353,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         depth: torch.LongTensor | None = None,
         output_loop_states: bool = False,
+        output_position_states: bool = False,
         logits_to_keep: int = 0,
         cache: Cache | None = None,
         **kwargs,
@@ -359,7 +362,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
         depth: optional LongTensor[batch] of loop counts (1..num_loops); row i then returns the
         early-exit logits after its own `depth[i]` loops. output_loop_states: also return the
-        residual stream at every loop boundary (for early-exit losses).
+        residual stream at every loop boundary (for early-exit losses). output_position_states: the
+        residual stream after every unrolled position (for hidden-state distillation).
         """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
@@ -385,12 +389,14 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         if (depth is not None or output_loop_states) and not layout.loopable:
             raise ValueError(f"strategy {layout.strategy!r} has no loop boundaries; early exits need a cycle strategy")
 
-        loop_states = []
+        loop_states, position_states = [], []
         exit_h = h if depth is not None else None
         with self.adapter_views():
             # The one loop schedule (the serving engine runs the same one, a loop per step).
             for step in layout.schedule():
                 h = self.layer_forward(step.slot, step.position, h, rope, attend)
+                if output_position_states:
+                    position_states.append(h)
                 if step.loop_end:
                     if output_loop_states:
                         loop_states.append(h)
@@ -410,6 +416,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
+            position_hidden_states=tuple(position_states) if output_position_states else None,
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 

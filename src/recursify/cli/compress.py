@@ -29,6 +29,8 @@ def compress(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Distillation tokens at most (default: what the budget allows)."),
     local_fraction: float = typer.Option(0.0, "--local-fraction", help="Share of the training time for local distillation first (each position learns its teacher layer's output; no head, no teacher logits), the rest global KD. 0: KD only."),
     exit_schedule: str = typer.Option("none", "--exit-schedule", help="Early-exit losses at every loop end during distillation, for serving with early exit: none, weighted, aggressive (0.1 on intermediate exits, 1 on the last) or self_kd."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Hidden-state distillation: every unrolled position also learns the teacher's residual stream after the layer it stands for, at this weight beside the logits' KD. 0: logits only."),
+    trainable: str = typer.Option("all", "--trainable", help="What distillation trains: all, or body (everything but the token embedding and LM head, which stay the teacher's; each step skips their gradient). The baseline trains the same set."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for perplexity and agreement."),
     baseline: bool = typer.Option(False, "--baseline", help="Also distil the parameter-matched plain model (the largest evenly spaced subset of the teacher's layers with no more parameters) for the same training time, and report it beside the compressed one. Adds that training time after the budget."),
     paper_tasks: int = typer.Option(0, "--paper-tasks", help="Evaluate teacher, compressed (and baseline) on the first N items of each of the paper's seven benchmarks (needs recursify[eval]; adds its time after the budget). 0: skip."),
@@ -49,7 +51,8 @@ def compress(
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
-                             batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule, eval_tokens=eval_tokens,
+                             batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
+                             hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
                              baseline=baseline, paper_tasks=paper_tasks, overwrite=overwrite)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     except CompressError as e:

@@ -18,13 +18,14 @@ import torch
 from .losses import EXIT_SCHEDULES
 
 SCHEDULES = ("cosine", "wsd")
-TRAINABLE = ("all", "lora", "shared", "norms")
+TRAINABLE = ("all", "body", "lora", "shared", "norms")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIXED_PRECISION = ("auto", "no", "bf16")
 # Fields that change the data order or the LR at a given step: a resume with other values is not
 # the same run any more, so we warn.
 RUN_IDENTITY = ("data", "heldout", "max_tokens", "seq_len", "batch_size", "seed", "lr", "schedule",
-                "warmup_steps", "min_lr", "alpha", "temperature", "exit_schedule", "trainable", "shared_lr_scale")
+                "warmup_steps", "min_lr", "alpha", "temperature", "exit_schedule", "trainable", "shared_lr_scale",
+                "hidden_weight")
 
 
 class TrainError(ValueError):
@@ -77,10 +78,15 @@ class TrainConfig:
     exit_schedule: str = _f("none", "Early-exit losses at every loop end: none, weighted (i / sum j), aggressive "
                                     "(0.1 intermediate, 1 last), self_kd (intermediate exits distil the detached "
                                     "final exit).")
+    hidden_weight: float = _f(0.0, "Weight of hidden-state distillation: every unrolled position of a recursive "
+                                   "student also learns the teacher's residual stream after the layer it stands for "
+                                   "(error relative to the teacher's norm, per token). 0: logits only.")
     post_train_exits: bool = _f(False, "Continue an uptrained model to train its early exits: forces exit_schedule "
                                        "to self_kd unless it is aggressive or self_kd.")
-    trainable: str = _f("all", "What to train: all, lora (LoRA and residual diagonals only), shared (slots.* only), "
-                               "norms (norms, biases, LoRA, diagonals).")
+    trainable: str = _f("all", "What to train: all, body (all but the token embedding and LM head: the "
+                               "student keeps the teacher's vocabulary space, and a step skips the embedding's "
+                               "gradient and update), lora (LoRA and residual diagonals only), shared (slots.* "
+                               "only), norms (norms, biases, LoRA, diagonals).")
     shared_lr_scale: float = _f(1.0, "LR of the shared weights (slots.*) as a fraction of lr: each one takes the "
                                       "gradients of every position tied to it, so it may want a smaller step than "
                                       "the LoRA, norms and embeddings.")
@@ -132,6 +138,8 @@ class TrainConfig:
         need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         need(self.exit_schedule in EXIT_SCHEDULES,
              f"unknown exit_schedule {self.exit_schedule!r}; choose one of {', '.join(EXIT_SCHEDULES)}")
+        need(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        need(self.hidden_weight == 0 or self.teacher is not None, "hidden_weight needs a teacher")
         need(0 < self.shared_lr_scale <= 10, f"shared_lr_scale must be in (0, 10], got {self.shared_lr_scale}")
         need(self.trainable in TRAINABLE, f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         need(self.teacher_dtype in TEACHER_DTYPES,

@@ -4,7 +4,8 @@ Per exit (the residual stream at the end of a loop, read out by ``model.exit_log
 
     loss_exit = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE
 
-and the training objective is ``sum_i w_i * loss_exit_i`` with the weights of the exit schedule:
+and the training objective is ``sum_i w_i * loss_exit_i + hidden_weight * loss_hidden`` with the
+weights of the exit schedule:
 
 * ``none``: only the last exit (the full model), w = [0, ..., 0, 1];
 * ``weighted``: exit i (1-based) gets i / sum_j j, so deeper exits count more;
@@ -13,6 +14,12 @@ and the training objective is ``sum_i w_i * loss_exit_i`` with the weights of th
 * ``self_kd``: aggressive weights, but the intermediate exits distil (KL at temperature T) towards
   the *detached* final exit instead of the teacher/labels, so they learn to imitate the full model
   without pulling it towards their shallower predictions.
+
+``loss_hidden`` (hidden-state distillation, a recursive student only) gives every unrolled position
+its own target: unrolled position p stands for the teacher's layer p, so the student's residual
+stream after p should be the teacher's after layer p. Per token it is the squared error relative to
+the teacher's squared norm, averaged over tokens and over positions 0 .. L-2 (the last position is
+what the logits already distil). KD alone reaches position p only through the layers above it.
 
 Memory: a [batch, seq, vocab] fp32 tensor is the largest thing in a KD step (49152-token vocab,
 8 x 256 tokens: 400 MB each, and log-softmax/KL keep several). Logits are therefore made from the
@@ -36,6 +43,7 @@ __all__ = [
     "LossConfig",
     "distillation_loss",
     "exit_weights",
+    "hidden_state_loss",
     "next_token_labels",
 ]
 
@@ -52,6 +60,7 @@ class LossConfig:
     alpha: float = 1.0  # weight of KD; 1 - alpha goes to CE on the labels
     temperature: float = 1.0
     exit_schedule: str = "none"
+    hidden_weight: float = 0.0  # weight of hidden-state distillation (needs the teacher's hidden states)
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -59,6 +68,8 @@ class LossConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.exit_schedule not in EXIT_SCHEDULES:
             raise ValueError(f"unknown exit schedule {self.exit_schedule!r}; choose one of {', '.join(EXIT_SCHEDULES)}")
 
@@ -144,17 +155,38 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _student_exits(model, input_ids: torch.Tensor, all_exits: bool):
-    """(head, hidden states to read out): loop ends for a loopable recursive model, else logits."""
+def hidden_state_loss(student_states, teacher_states) -> torch.Tensor:
+    """Mean over positions p < L-1 and tokens of |h_s,p - h_t,p|^2 / |h_t,p|^2.
+
+    ``student_states[p]`` is the residual stream after unrolled position p, ``teacher_states`` the
+    Hugging Face ``hidden_states`` tuple (embeddings first, so layer p's output is index p + 1; the
+    last entry is after the final norm and is not used).
+    """
+    terms = []
+    for p in range(len(student_states) - 1):
+        s, t = student_states[p].float(), teacher_states[p + 1].float()
+        terms.append(((s - t).square().sum(-1) / t.square().sum(-1).clamp(min=1e-6)).mean())
+    return torch.stack(terms).mean()
+
+
+def _student_exits(model, input_ids: torch.Tensor, all_exits: bool, positions: bool = False):
+    """(head, hidden states to read out, number of exits, per-position states or None): loop ends
+    for a loopable recursive model, else logits."""
     from ..modeling import RecursiveForCausalLM
 
-    if isinstance(model, RecursiveForCausalLM) and model.layout.loopable:
+    if isinstance(model, RecursiveForCausalLM) and (model.layout.loopable or positions):
         # logits_to_keep=1: the full [B, T, V] logits are made chunk by chunk below instead.
-        out = model(input_ids, use_cache=False, output_loop_states=True, logits_to_keep=1)
-        states = list(out.loop_hidden_states)
-        return model.exit_logits, (states if all_exits else states[-1:]), len(states)
+        loops = model.layout.loopable
+        out = model(input_ids, use_cache=False, output_loop_states=loops, output_position_states=positions,
+                    logits_to_keep=1)
+        states = list(out.loop_hidden_states) if loops else [out.position_hidden_states[-1]]
+        return (model.exit_logits, (states if all_exits else states[-1:]), len(states),
+                out.position_hidden_states)
+    if positions:
+        raise ValueError("hidden-state distillation needs a recursive student, whose positions map onto the "
+                         "teacher's layers")
     out = model(input_ids, use_cache=False)
-    return _identity, [out.logits], 1
+    return _identity, [out.logits], 1, None
 
 
 def distillation_loss(
@@ -163,8 +195,9 @@ def distillation_loss(
     teacher_logits: torch.Tensor | None,
     cfg: LossConfig,
     all_exits: bool = False,
+    teacher_hidden: tuple[torch.Tensor, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the student and return {"loss", "ce", "kd", "exit_ce", "exit_kd"}.
+    """Run the student and return {"loss", "ce", "kd", "hidden", "exit_ce", "exit_kd"}.
 
     ``loss`` is the objective to back-propagate; ``ce``/``kd`` are the final exit's mean CE and KD
     (KD is 0 without a teacher), ``exit_ce``/``exit_kd`` tensors [num_exits] of every exit's values
@@ -173,7 +206,8 @@ def distillation_loss(
     """
     schedule = cfg.exit_schedule
     need_exits = all_exits or schedule != "none"
-    head, states, num_exits = _student_exits(model, input_ids, need_exits)
+    use_hidden = cfg.hidden_weight > 0 and teacher_hidden is not None
+    head, states, num_exits, positions = _student_exits(model, input_ids, need_exits, use_hidden)
     weights = exit_weights(schedule, num_exits)
     first = num_exits - len(states)  # index of states[0] among all exits
     labels = next_token_labels(input_ids)
@@ -206,8 +240,13 @@ def distillation_loss(
         w = weights[i]
         if w:
             total = w * term if total is None else total + w * term
+    hidden = torch.zeros((), device=input_ids.device)
+    if use_hidden:
+        hidden = hidden_state_loss(positions, teacher_hidden)
+        total = total + cfg.hidden_weight * hidden
     return {
         "loss": total,
+        "hidden": hidden.detach(),
         "ce": exit_ce[-1],
         "kd": exit_kd[-1] if teacher_logits is not None and cfg.alpha > 0 else torch.zeros((), device=input_ids.device),
         "exit_ce": exit_ce,

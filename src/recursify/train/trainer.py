@@ -59,6 +59,8 @@ def _is_trainable(name: str, mode: str) -> bool:
     """Parameter groups by name: slots.* shared weights, lora.*/diag.* relaxation, the rest embeddings/norms/head."""
     if mode == "all":
         return True
+    if mode == "body":  # the recursive model's names and a plain Hugging Face model's
+        return not {"embed_tokens", "lm_head", "embed_in", "embed_out"} & set(name.split("."))
     if mode == "lora":
         return name.startswith(("lora.", "diag."))
     if mode == "shared":
@@ -79,11 +81,11 @@ class Distiller(nn.Module):
         self.student = student
         self.loss_cfg = loss_cfg
 
-    def forward(self, input_ids, teacher_logits=None, eval_exits: bool = False):
+    def forward(self, input_ids, teacher_logits=None, eval_exits: bool = False, teacher_hidden=None):
         if eval_exits:  # held-out CE of every exit, whatever the training schedule
-            cfg = dataclasses.replace(self.loss_cfg, alpha=0.0, exit_schedule="none")
+            cfg = dataclasses.replace(self.loss_cfg, alpha=0.0, exit_schedule="none", hidden_weight=0.0)
             return distillation_loss(self.student, input_ids, None, cfg, all_exits=True)
-        return distillation_loss(self.student, input_ids, teacher_logits, self.loss_cfg)
+        return distillation_loss(self.student, input_ids, teacher_logits, self.loss_cfg, teacher_hidden=teacher_hidden)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,6 +147,20 @@ def _check_exits(student, schedule: str) -> None:
                          f"{student.layout.strategy!r} lacks; use a cycle strategy or exit_schedule=none")
 
 
+def _check_hidden(student, teacher, weight: float) -> None:
+    from ..modeling import RecursiveForCausalLM
+
+    if weight == 0:
+        return
+    if not isinstance(student, RecursiveForCausalLM):
+        raise TrainError(f"hidden_weight={weight} needs a recursive student, whose positions stand for the teacher's "
+                         f"layers (this one is a {type(student).__name__}); use hidden_weight=0")
+    layers = teacher.config.get_text_config().num_hidden_layers
+    if student.layout.num_layers != layers:
+        raise TrainError(f"hidden_weight={weight}: the student unrolls {student.layout.num_layers} positions but "
+                         f"the teacher has {layers} layers; distil from the model it was converted from")
+
+
 def _setup(cfg: TrainConfig) -> Setup:
     """Check every input, load both models and the data: a TrainError here leaves out/ untouched."""
     from accelerate import Accelerator
@@ -173,6 +189,7 @@ def _setup(cfg: TrainConfig) -> Setup:
         if problem:
             raise TrainError(f"teacher {cfg.teacher} {problem}; distillation needs the same tokenizer")
         teacher.requires_grad_(False).eval().to(accelerator.device)
+        _check_hidden(student, teacher, cfg.hidden_weight)
     data_cfg = DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction,
                           seed=cfg.seed, cache_dir=cfg.cache_dir, max_tokens=cfg.max_tokens,
                           heldout_sources=cfg.heldout, heldout_tokens=cfg.eval_tokens)
@@ -250,16 +267,18 @@ def _step(run: Setup, model, optimizer, scheduler, clip_params, batch: torch.Ten
     cfg, accelerator = run.cfg, run.accelerator
     stats = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
     for i, ids in enumerate(batch.split(run.micro)):
-        teacher_logits = None
+        teacher_logits = teacher_hidden = None
         if run.teacher is not None:
             with torch.no_grad(), accelerator.autocast():  # bf16 on GPU, a no-op on CPU
-                teacher_logits = run.teacher(input_ids=ids, use_cache=False).logits
+                t_out = run.teacher(input_ids=ids, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+            teacher_logits, teacher_hidden = t_out.logits, t_out.hidden_states
+            del t_out
         last = i == cfg.grad_accum - 1
         with accelerator.no_sync(model) if not last else nullcontext():
-            out = model(ids, teacher_logits)
+            out = model(ids, teacher_logits, teacher_hidden=teacher_hidden)
             accelerator.backward(out["loss"] / cfg.grad_accum)
         stats += torch.stack([out["loss"].detach(), out["ce"], out["kd"]]).float() / cfg.grad_accum
-        del teacher_logits, out
+        del teacher_logits, teacher_hidden, out
     grad_norm = accelerator.clip_grad_norm_(clip_params, cfg.clip if cfg.clip > 0 else float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -325,7 +344,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     plan = {"total": total_steps}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
     loss_cfg = LossConfig(alpha=cfg.alpha, temperature=cfg.temperature, exit_schedule=cfg.exit_schedule,
-                          chunk_elements=cfg.kd_chunk_elements)
+                          hidden_weight=cfg.hidden_weight, chunk_elements=cfg.kd_chunk_elements)
     model, optimizer = accelerator.prepare(Distiller(run.student, loss_cfg), optimizer)
     if ckpt is not None:
         restore_training_state(ckpt, accelerator, model, optimizer, scheduler, run.is_fsdp)
