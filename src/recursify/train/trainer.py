@@ -134,31 +134,22 @@ def _load(cfg: TrainConfig, name: str, role: str, dtype=torch.float32):
     return model, tokenizer
 
 
-def _check_exits(student, schedule: str) -> None:
+def _check_student(student, teacher, cfg: TrainConfig) -> None:
+    """Exit losses need loop boundaries; hidden-state targets need one position per teacher layer."""
     from ..modeling import RecursiveForCausalLM
 
-    if schedule == "none":
-        return
-    if not isinstance(student, RecursiveForCausalLM):
-        raise TrainError(f"exit_schedule={schedule!r} needs a recursive student (this one is a "
-                         f"{type(student).__name__}); use exit_schedule=none")
-    if not student.layout.loopable:
-        raise TrainError(f"exit_schedule={schedule!r} needs loop boundaries, which strategy "
+    recursive = isinstance(student, RecursiveForCausalLM)
+    for name, value, off in (("exit_schedule", cfg.exit_schedule, "none"), ("hidden_weight", cfg.hidden_weight, 0)):
+        if value != off and not recursive:
+            raise TrainError(f"{name}={value!r} needs a recursive student (this one is a {type(student).__name__}); "
+                             f"use {name}={off}")
+    if cfg.exit_schedule != "none" and not student.layout.loopable:
+        raise TrainError(f"exit_schedule={cfg.exit_schedule!r} needs loop boundaries, which strategy "
                          f"{student.layout.strategy!r} lacks; use a cycle strategy or exit_schedule=none")
-
-
-def _check_hidden(student, teacher, weight: float) -> None:
-    from ..modeling import RecursiveForCausalLM
-
-    if weight == 0:
-        return
-    if not isinstance(student, RecursiveForCausalLM):
-        raise TrainError(f"hidden_weight={weight} needs a recursive student, whose positions stand for the teacher's "
-                         f"layers (this one is a {type(student).__name__}); use hidden_weight=0")
-    layers = teacher.config.get_text_config().num_hidden_layers
-    if student.layout.num_layers != layers:
-        raise TrainError(f"hidden_weight={weight}: the student unrolls {student.layout.num_layers} positions but "
-                         f"the teacher has {layers} layers; distil from the model it was converted from")
+    layers = teacher.config.get_text_config().num_hidden_layers if teacher is not None else None
+    if cfg.hidden_weight and student.layout.num_layers != layers:
+        raise TrainError(f"hidden_weight={cfg.hidden_weight}: the student unrolls {student.layout.num_layers} "
+                         f"positions but the teacher has {layers} layers; distil from the model it was converted from")
 
 
 def _setup(cfg: TrainConfig) -> Setup:
@@ -181,7 +172,6 @@ def _setup(cfg: TrainConfig) -> Setup:
     set_seed(cfg.seed)
 
     student, tokenizer = _load(cfg, cfg.student, "student")
-    _check_exits(student, cfg.exit_schedule)
     teacher = None
     if cfg.alpha > 0:
         teacher, tok_t = _load(cfg, cfg.teacher, "teacher", TEACHER_DTYPES[cfg.teacher_dtype])
@@ -189,7 +179,6 @@ def _setup(cfg: TrainConfig) -> Setup:
         if problem:
             raise TrainError(f"teacher {cfg.teacher} {problem}; distillation needs the same tokenizer")
         teacher.requires_grad_(False).eval().to(accelerator.device)
-        _check_hidden(student, teacher, cfg.hidden_weight)
     data_cfg = DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction,
                           seed=cfg.seed, cache_dir=cfg.cache_dir, max_tokens=cfg.max_tokens,
                           heldout_sources=cfg.heldout, heldout_tokens=cfg.eval_tokens)
@@ -201,6 +190,7 @@ def _setup(cfg: TrainConfig) -> Setup:
     if len(train_ds) < cfg.batch_size:
         raise TrainError(f"the training split has {len(train_ds)} sequences of {cfg.seq_len} tokens, fewer than one "
                          f"batch of {cfg.batch_size}; add data or lower batch_size/seq_len")
+    _check_student(student, teacher, cfg)
     return Setup(cfg, accelerator, accelerator.distributed_type == DistributedType.FSDP,
                  cfg.batch_size // (world * cfg.grad_accum), student, tokenizer, teacher, train_ds, heldout_ds)
 
