@@ -66,6 +66,8 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(local_fraction=1.0), "local-fraction"),
     (dict(paper_tasks=-1), "paper-tasks"),
     (dict(exit_schedule="sometimes"), "exit-schedule"),
+    (dict(trainable="lora"), "trainable"),
+    (dict(hidden_weight=-1.0), "hidden-weight"),
 ])
 def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -94,8 +96,8 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "with-baseline"
     s = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 10, baseline=True, paper_tasks=2,
-                     exit_schedule="aggressive"),  # exit losses for the student only: the baseline has no loops
-                 log=lambda line: None)
+                     exit_schedule="aggressive", hidden_weight=0.5, trainable="body"),
+                 log=lambda line: None)  # exit losses and hidden-state targets for the student only: the baseline has no loops
     teacher, _ = rf.load_pretrained(str(teacher_dir / "teacher"))
     per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
     rest = s["params"]["teacher"] - 6 * per_layer
@@ -109,6 +111,8 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     assert f"| plain {base['layers']}-layer model, same training time" in md and f"{base['ppl']:.2f}" in md
     gap = 100 * (s["paper"]["teacher"]["average"] - s["paper"]["student"]["average"])
     assert f"average is {gap:.1f} points below the teacher's" in md
+    assert ("Distillation: KD on the logits + hidden-state distillation at weight 0.5 + aggressive early-exit losses, "
+            "lr 0.01, training everything but the embedding and head.") in md
 
 
 def test_parse_duration():
