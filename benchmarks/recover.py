@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of a recipe that names none.")
-    ap.add_argument("--trainable", default="all", help="What KD trains in a recipe that names nothing: all, lora, "
-                                                      "shared or norms (see recursify train).")
+    ap.add_argument("--trainable", default="all", help="What KD trains in a recipe that names nothing: all, body, "
+                                                      "lora, shared or norms (see recursify train).")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="Hidden-state distillation weight of a recursive recipe that names none (recursify train "
                          "--hidden-weight).")
@@ -153,13 +153,15 @@ def main(argv=None) -> int:
             student.save_pretrained(folder)
             tok.save_pretrained(folder)
         del student
-        hidden = hidden if kind != "baseline" else 0.0
+        if kind == "baseline":  # a plain model: no shared weights, LoRA or unrolled positions
+            trainable, hidden, shared_lr_scale = ("body" if trainable == "body" else "all"), 0.0, 1.0
+        else:
+            shared_lr_scale = args.shared_lr_scale
         kd_out = work / f"{recipe}-{lr:g}-{trainable}-{hidden:g}-kd"
         result = train(TrainConfig(
             student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
             max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, warmup_steps=5,
-            trainable=trainable if kind != "baseline" or trainable == "body" else "all", hidden_weight=hidden,
-            shared_lr_scale=args.shared_lr_scale if kind != "baseline" else 1.0,
+            trainable=trainable, hidden_weight=hidden, shared_lr_scale=shared_lr_scale,
             eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
             progress=False))
         kd_clock = clock
@@ -168,9 +170,8 @@ def main(argv=None) -> int:
                 kd_clock += rec["step_s"]
             elif rec["kind"] == "eval" and rec["step"] > 0:
                 points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
-        row = {"recipe": recipe, "lr": lr, "trainable": trainable if kind != "baseline" or trainable == "body" else "all",
-               "hidden_weight": hidden,
-               "shared_lr_scale": args.shared_lr_scale if kind != "baseline" else 1.0, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
+        row = {"recipe": recipe, "lr": lr, "trainable": trainable, "hidden_weight": hidden,
+               "shared_lr_scale": shared_lr_scale, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
                "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prep_s}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)

@@ -236,12 +236,17 @@ def test_time_budget_ends_with_a_finished_model_and_a_decayed_lr(fx, tmp_path, m
     assert isinstance(model, rf.RecursiveForCausalLM)
 
 
+def changed_weights(fx: Path, out: Path) -> set[str]:
+    """Names of the student's tensors that training `out` changed at all."""
+    before = rf.RecursiveForCausalLM.from_pretrained(fx / "student").state_dict()
+    after = rf.RecursiveForCausalLM.from_pretrained(out).state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
 def test_lora_only_training_leaves_shared_weights_bitwise_unchanged(fx, tmp_path):
     out = tmp_path / "lora"
     train(config(fx, out, trainable="lora", max_tokens=8 * SEQ * 3, eval_every=-1))
-    before = rf.RecursiveForCausalLM.from_pretrained(fx / "student").state_dict()
-    after = rf.RecursiveForCausalLM.from_pretrained(out).state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = changed_weights(fx, out)
     assert changed and all(k.startswith("lora.") for k in changed)
 
 
@@ -585,6 +590,9 @@ def test_hidden_loss_is_zero_at_full_rank_against_the_hf_teacher():
 def test_hidden_weight_trains_and_refuses_a_plain_student(fx, tmp_path):
     result = train(config(fx, tmp_path / "hid", hidden_weight=1.0, max_tokens=8 * SEQ * 3, eval_every=-1))
     assert result["step"] == 3 and math.isfinite(result["loss"])
+    # without KD (alpha=0) the teacher is still loaded for its hidden states
+    ce_hidden = train(config(fx, tmp_path / "ce", alpha=0.0, hidden_weight=1.0, max_tokens=8 * SEQ * 2, eval_every=-1))
+    assert ce_hidden["step"] == 2 and math.isfinite(ce_hidden["loss"])
     with pytest.raises(TrainError, match="needs a recursive student"):
         train(config(fx, tmp_path / "plain", student=str(fx / "teacher"), exit_schedule="none", hidden_weight=1.0))
     assert not (tmp_path / "plain").exists()
@@ -593,8 +601,6 @@ def test_hidden_weight_trains_and_refuses_a_plain_student(fx, tmp_path):
 def test_body_training_leaves_the_embedding_bitwise_unchanged(fx, tmp_path):
     out = tmp_path / "body"
     train(config(fx, out, trainable="body", max_tokens=8 * SEQ * 3, eval_every=-1))
-    before = rf.RecursiveForCausalLM.from_pretrained(fx / "student").state_dict()
-    after = rf.RecursiveForCausalLM.from_pretrained(out).state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = changed_weights(fx, out)
     assert any(k.startswith("slots.") for k in changed) and any(k.startswith("lora.") for k in changed)
     assert not any(k.startswith(("embed_tokens", "lm_head")) for k in changed)

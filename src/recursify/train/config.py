@@ -53,7 +53,7 @@ class TrainConfig:
                           "folder/.gguf/bundled name.")
     out: str = _f("runs/train", "Output folder: final model, metrics.jsonl, loss.png, checkpoints/.")
     teacher: str | None = _f("smollm2-135m", "Teacher model (bundled name, folder or .gguf); 'none' for CE-only "
-                                             "training (needs alpha=0). Not loaded when alpha=0.")
+                                             "training (needs alpha=0). Not loaded when alpha=0 and hidden_weight=0.")
     data: list[str] = _f(["corpus/python-docs/train"], "Training text: files/folders (.txt .md .rst .jsonl or a "
                                                        "datasets folder).")
     heldout: list[str] | None = _f(None, "Held-out sources; default: a heldout_fraction of the data's documents.")
@@ -139,7 +139,8 @@ class TrainConfig:
         need(self.exit_schedule in EXIT_SCHEDULES,
              f"unknown exit_schedule {self.exit_schedule!r}; choose one of {', '.join(EXIT_SCHEDULES)}")
         need(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        need(self.hidden_weight == 0 or self.teacher is not None, "hidden_weight needs a teacher")
+        need(self.hidden_weight == 0 or self.teacher is not None,
+             f"hidden_weight={self.hidden_weight} needs a teacher; pass --teacher or --hidden-weight 0")
         need(0 < self.shared_lr_scale <= 10, f"shared_lr_scale must be in (0, 10], got {self.shared_lr_scale}")
         need(self.trainable in TRAINABLE, f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         need(self.teacher_dtype in TEACHER_DTYPES,

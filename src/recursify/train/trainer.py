@@ -146,7 +146,7 @@ def _check_student(student, teacher, cfg: TrainConfig) -> None:
     if cfg.exit_schedule != "none" and not student.layout.loopable:
         raise TrainError(f"exit_schedule={cfg.exit_schedule!r} needs loop boundaries, which strategy "
                          f"{student.layout.strategy!r} lacks; use a cycle strategy or exit_schedule=none")
-    layers = teacher.config.get_text_config().num_hidden_layers if teacher is not None else None
+    layers = teacher.config.get_text_config().num_hidden_layers if cfg.hidden_weight else None
     if cfg.hidden_weight and student.layout.num_layers != layers:
         raise TrainError(f"hidden_weight={cfg.hidden_weight}: the student unrolls {student.layout.num_layers} "
                          f"positions but the teacher has {layers} layers; distil from the model it was converted from")
@@ -173,12 +173,13 @@ def _setup(cfg: TrainConfig) -> Setup:
 
     student, tokenizer = _load(cfg, cfg.student, "student")
     teacher = None
-    if cfg.alpha > 0:
+    if cfg.alpha > 0 or cfg.hidden_weight > 0:
         teacher, tok_t = _load(cfg, cfg.teacher, "teacher", TEACHER_DTYPES[cfg.teacher_dtype])
         problem = vocabulary_mismatch(student, tokenizer, teacher, tok_t)
         if problem:
             raise TrainError(f"teacher {cfg.teacher} {problem}; distillation needs the same tokenizer")
         teacher.requires_grad_(False).eval().to(accelerator.device)
+    _check_student(student, teacher, cfg)  # before the data is tokenised
     data_cfg = DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction,
                           seed=cfg.seed, cache_dir=cfg.cache_dir, max_tokens=cfg.max_tokens,
                           heldout_sources=cfg.heldout, heldout_tokens=cfg.eval_tokens)
@@ -190,7 +191,6 @@ def _setup(cfg: TrainConfig) -> Setup:
     if len(train_ds) < cfg.batch_size:
         raise TrainError(f"the training split has {len(train_ds)} sequences of {cfg.seq_len} tokens, fewer than one "
                          f"batch of {cfg.batch_size}; add data or lower batch_size/seq_len")
-    _check_student(student, teacher, cfg)
     return Setup(cfg, accelerator, accelerator.distributed_type == DistributedType.FSDP,
                  cfg.batch_size // (world * cfg.grad_accum), student, tokenizer, teacher, train_ds, heldout_ds)
 
