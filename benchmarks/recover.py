@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default="plain-kd,calibrated-kd,calibrated-local-kd")
     ap.add_argument("--minutes", type=float, default=6.0, help="Training budget per recipe.")
     ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--strategy", default="cycle", help="Layer-to-slot map of the recursive recipes (recursify convert --strategy).")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--init", default="average", help="Shared-weight init of the calibrated recipes.")
     ap.add_argument("--target-params", type=float, default=None,
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     stats = collect_stats(teacher, seqs)  # never from the cache: its cost is part of the recipes
     calib_s = time.perf_counter() - t0
-    base = rf.RecursionConfig(num_loops=args.loops, init="average", lora_rank=args.rank)
+    base = rf.RecursionConfig(num_loops=args.loops, strategy=args.strategy, init="average", lora_rank=args.rank)
     teacher_ppl = ppl(teacher)
     print(f"teacher held-out ppl {teacher_ppl:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s", flush=True)
 

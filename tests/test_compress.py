@@ -59,8 +59,12 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(time_budget=0), "time-budget"),
     (dict(eval_tokens=8), "eval-tokens"),
     (dict(loops=4), "does not divide"),
-    (dict(lora_rank="auto"), "go together"),
-    (dict(target_params=0.7), "go together"),
+    (dict(lora_rank="auto"), "goes with"),
+    (dict(target_params=0.7), "goes with"),
+    (dict(loops="auto", lora_rank=None), "goes with"),
+    (dict(loops="auto", target_params=0.7), "chooses the rank"),
+    (dict(loops="auto", lora_rank=None, target_params=0.05), "below the smallest recursive model"),
+    (dict(loops="three"), "number of loops or auto"),
     (dict(lora_rank="auto", target_params=1.5), r"in \(0, 1\]"),
     (dict(lora_rank="auto", target_params=0.05), "even rank 0"),
     (dict(local_fraction=1.0), "local-fraction"),
@@ -88,6 +92,21 @@ def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, 
     assert summary["local_tokens"] > 0 and summary["ppl"]["after_local"] is not None
     assert summary["ppl"]["after_local"] != summary["ppl"]["converted"]
     assert "after local distillation" in (out / "summary.md").read_text()
+
+
+def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "auto"
+    s = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, max_tokens=8 * 16 * 4),
+                 log=lambda line: None)
+    found = s["layout_search"]
+    assert [c["loops"] for c in found] == [2, 3, 6] and all(c["params"] <= 0.8 * s["params"]["teacher"] for c in found)
+    best = min(found, key=lambda c: c["ppl"])
+    assert s["recursion"]["num_loops"] == best["loops"] and str(s["recursion"]["lora_rank"]) == best["rank"]
+    assert s["params"]["student"] == best["params"]
+    md = (out / "summary.md").read_text()
+    assert "Loops and rank chosen among 3 layouts that fit 80% of the teacher" in md
+    assert f"{best['loops']} loops, rank {best['rank']}: {best['ppl']:.4g}" in md
 
 
 def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teacher_dir, tmp_path, monkeypatch):

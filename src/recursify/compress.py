@@ -32,11 +32,11 @@ class CompressConfig:
     out: str = "runs/compressed"
     data: list[str] = field(default_factory=lambda: ["corpus/python-docs/train"])
     heldout: list[str] | None = None  # default: a held-out fraction of `data`'s documents
-    loops: int = 2
+    loops: int | str = 2  # or "auto": the loop count (and rank) whose calibrated conversion is best at target_params
     strategy: str = "cycle"
     init: str = "average"
-    lora_rank: int | str = 64  # or "auto": per-linear ranks chosen for target_params
-    target_params: float | None = None  # with lora_rank="auto": fraction of the teacher's parameters
+    lora_rank: int | str | None = None  # None: 64, or what fills target_params with loops="auto"; "auto": per-linear ranks
+    target_params: float | None = None  # with lora_rank or loops "auto": fraction of the teacher's parameters
     time_budget: float = 3600.0  # seconds, everything included
     calib_tokens: int = 16_384
     damp: float = 0.01
@@ -73,8 +73,14 @@ class CompressConfig:
                 raise CompressError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.local_fraction < 1:
             raise CompressError(f"--local-fraction must be in [0, 1), got {self.local_fraction}")
-        if (self.lora_rank == "auto") != (self.target_params is not None):
-            raise CompressError("--lora-rank auto and --target-params go together: the budget decides the ranks")
+        if self.loops != "auto" and not isinstance(self.loops, int):
+            raise CompressError(f"--loops must be a number of loops or auto, got {self.loops!r}")
+        if self.loops == "auto" and self.lora_rank not in (None, "auto"):
+            raise CompressError("--loops auto chooses the rank with the loops: drop --lora-rank (or use --lora-rank auto "
+                                "for per-linear ranks)")
+        if (self.lora_rank == "auto" or self.loops == "auto") != (self.target_params is not None):
+            raise CompressError("--target-params goes with --lora-rank auto or --loops auto: the budget decides the "
+                                "ranks (and loops)")
         if self.eval_tokens < 2 * self.seq_len:
             raise CompressError(f"--eval-tokens={self.eval_tokens} must cover two sequences of {self.seq_len}")
 
@@ -106,6 +112,8 @@ class Clock:
     def left(self) -> float:
         return self.budget - self.spent
 
+
+SEARCH_TOKENS = 2048  # training tokens each --loops auto candidate is scored on
 
 # What only decides what is measured at the end: a resumed run may add or drop it.
 EVALUATION_ONLY = ("overwrite", "baseline", "paper_tasks")
@@ -149,14 +157,15 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if importlib.util.find_spec("lm_eval") is None:
             raise CompressError("--paper-tasks needs lm-evaluation-harness: pip install 'recursify[eval]'")
     try:  # the layout and the model's family, before anything is loaded or written
-        auto = cfg.lora_rank == "auto"
-        recursion = rf.RecursionConfig(num_loops=cfg.loops, strategy=cfg.strategy, init=cfg.init,
-                                       lora_rank=0 if auto else cfg.lora_rank)
-        if auto and not 0 < cfg.target_params <= 1:
+        auto, auto_loops = cfg.lora_rank == "auto", cfg.loops == "auto"
+        recursion = rf.RecursionConfig(num_loops=2 if auto_loops else cfg.loops, strategy=cfg.strategy, init=cfg.init,
+                                       lora_rank=0 if auto or auto_loops else (64 if cfg.lora_rank is None else cfg.lora_rank))
+        if cfg.target_params is not None and not 0 < cfg.target_params <= 1:
             raise CompressError(f"--target-params is a fraction of the teacher's parameters in (0, 1], got {cfg.target_params}")
         source_config = rf.hub.load_config(cfg.model)
         family = rf.families.detect_family(source_config)
-        rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
+        if not auto_loops:
+            rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
     except ValueError as e:
         raise CompressError(str(e)) from e
     if out.exists() and not cfg.overwrite:
@@ -186,7 +195,15 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     stage(1, f"loading {cfg.model} and the data")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks its own the same way
     teacher, tok = load_pretrained(cfg.model, device=device)
-    if auto:  # a budget that even rank 0 exceeds fails now, not after calibration
+    options = []
+    if auto_loops:  # the layouts that fit the budget, known before calibration
+        from .layout_search import candidates
+
+        try:
+            options = candidates(teacher, cfg.target_params, cfg.strategy, cfg.init)
+        except ValueError as e:
+            raise CompressError(str(e)) from e
+    elif auto:  # a budget that even rank 0 exceeds fails now, not after calibration
         from .allocate import parameter_count
 
         floor = parameter_count(teacher, recursion) / sum(p.numel() for p in teacher.parameters())
@@ -227,7 +244,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         while True:
             seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
-            prep = (0 if cached else 4 * seqs.numel() / fwd) + (40_000 if cfg.init == "calibrated" else 10_000) / fwd
+            convert_s = (40_000 if cfg.init == "calibrated" else 10_000) / fwd
+            search_s = len(options) * (convert_s + 3 * SEARCH_TOKENS / fwd)
+            prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
                 break
@@ -244,7 +263,21 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stage(2, f"calibrating on {seqs.numel()} tokens")
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
-        if auto:
+        if auto_loops:
+            from .layout_search import candidates, search
+
+            stage(3, f"choosing the loops for {cfg.target_params:.0%} of the teacher's parameters: converting "
+                     f"{len(options)} layouts and scoring them on {SEARCH_TOKENS} training tokens")
+            if auto:
+                options = candidates(teacher, cfg.target_params, cfg.strategy, cfg.init, stats, allocate=True,
+                                     damp=cfg.damp)
+            probe = seqs[-max(1, SEARCH_TOKENS // cfg.seq_len):]
+            best = search(teacher, stats, probe, options, cfg.seq_len, damp=cfg.damp, log=log)
+            recursion = best.recursion
+            save_state(layout_search=[{"loops": c.loops, "rank": c.rank, "params": c.params, "ppl": c.ppl}
+                                      for c in options])
+            log(f"      chose {best.loops} loops, rank {best.rank}")
+        elif auto:
             from .allocate import allocate_ranks
 
             try:
@@ -254,7 +287,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             recursion = dataclasses.replace(recursion, rank_pattern=ranks)
             log("      ranks for " + f"{cfg.target_params:.0%} of the teacher's parameters: "
                 + ", ".join(f"{k} {v}" for k, v in ranks.items()))
-        stage(3, f"converting: {cfg.loops} loops, {cfg.strategy}, init {cfg.init}, rank {cfg.lora_rank}, calibrated"
+        rank = ", ".join(f"{k} {v}" for k, v in recursion.rank_pattern.items()) if recursion.rank_pattern else recursion.lora_rank
+        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {cfg.init}, rank {rank}, calibrated"
               + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
         if sequential:
@@ -363,6 +397,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
         "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
         "seconds": clock.spent, "generations": m["generations"], "paper": m["paper"] or None,
+        "layout_search": state.get("layout_search"),
     }
     if cfg.baseline:
         b = models["baseline"]

@@ -87,6 +87,14 @@ def render_summary(s: dict) -> str:
         f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
         f"{s['train_tokens'] or 0} distillation tokens, {fmt_seconds(s['seconds'])} in all.",
         _recipe(s.get("config") or {}),
+    ]
+    if s.get("layout_search"):
+        found = sorted(s["layout_search"], key=lambda c: c["ppl"])
+        lines.append(f"Loops and rank chosen among {len(found)} layouts that fit "
+                     f"{s['config']['target_params']:.0%} of the teacher, by converted perplexity on training text "
+                     "(lower is better): " + "; ".join(f"{c['loops']} loops, rank {c['rank']}: {c['ppl']:.4g}"
+                                                        for c in found) + ".")
+    lines += [
         "",
         "| model | params | held-out ppl | top-1 agreement |",
         "|---|---:|---:|---:|",

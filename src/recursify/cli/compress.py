@@ -15,11 +15,11 @@ def compress(
     data: str = typer.Option(..., "--data", help="Training text (files/folders/.jsonl, comma-separated); its documents also calibrate the conversion."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (with summary.md and summary.json)."),
     heldout: Optional[str] = typer.Option(None, help="Held-out text for the evaluation (default: 5% of --data's documents, never trained on)."),
-    loops: int = typer.Option(2, "--loops", "-B", help="Number of loops; K = L / loops unique layers."),
+    loops: str = typer.Option("2", "--loops", "-B", help="Number of loops; K = L / loops unique layers. 'auto' (with --target-params): convert every loop count that fits the budget, each with the LoRA rank that fills it, and keep the one whose calibrated conversion scores best on training text before any training."),
     strategy: str = typer.Option("cycle", help="cycle, sequence, middle_cycle or middle_sequence."),
     init: str = typer.Option("average", help="Shared-weight init: stepwise, average, lower, or calibrated (fitted with the LoRA to what the layers' outputs see)."),
-    lora_rank: str = typer.Option("64", "--lora-rank", "-r", help="Per-position LoRA rank: an integer, 'full', or 'auto' (a rank per linear, chosen from the calibrated spectra to fit --target-params)."),
-    target_params: Optional[float] = typer.Option(None, "--target-params", help="With --lora-rank auto: the student's size as a fraction of the teacher's parameters, e.g. 0.75."),
+    lora_rank: Optional[str] = typer.Option(None, "--lora-rank", "-r", help="Per-position LoRA rank: an integer (default 64), 'full', or 'auto' (a rank per linear, chosen from the calibrated spectra to fit --target-params). With --loops auto: chosen with the loops."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="With --loops auto or --lora-rank auto: the student's size as a fraction of the teacher's parameters, e.g. 0.5."),
     time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
@@ -43,11 +43,20 @@ def compress(
     half-way? Run the same command again: it resumes. Example:
 
       recursify compress smollm2-135m --data corpus/python-docs/train --time-budget 60m --out runs/rec2-small
+
+    For a given size, let it choose the loops and rank:
+
+      recursify compress smollm2-135m --data corpus/python-docs/train --loops auto --target-params 0.5 --out runs/half
     """
     from ..compress import CompressConfig, CompressError, parse_duration
     from ..compress import compress as run
 
     try:
+        loops = loops.strip().lower()
+        if loops != "auto":
+            if not loops.isdigit():
+                raise CompressError(f"--loops must be a number of loops or auto, got {loops!r}")
+            loops = int(loops)
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,

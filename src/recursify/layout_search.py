@@ -1,0 +1,107 @@
+"""Choosing the number of loops for a parameter budget, from what calibration already knows.
+
+At a fixed size a recursive model can loop fewer unique layers more often and spend the
+parameters that saves on per-position LoRA rank, or the reverse. Which split is best depends on
+the model and the budget, and it is decided before any training: the calibrated conversion of each
+candidate (the teacher's statistics do not depend on the layout, so they are gathered once) is
+scored on held-out text, and the candidate with the lowest perplexity is kept. On SmolLM2-135M
+that ranking before training is the ranking after distillation (benchmarks/recover.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .allocate import allocate_ranks, parameter_count
+from .calibrate import CalibrationStats
+from .config import ConfigError, Layout, RecursionConfig
+from .families import arch_from_config, detect_family
+
+
+@dataclass
+class Candidate:
+    """One layout that fits the budget: `recursion` holds its loops and rank(s)."""
+
+    recursion: RecursionConfig
+    params: int
+    ppl: float | None = None
+
+    @property
+    def loops(self) -> int:
+        return self.recursion.num_loops
+
+    @property
+    def rank(self) -> str:
+        pattern = self.recursion.rank_pattern
+        return ",".join(f"{k} {v}" for k, v in pattern.items()) if pattern else str(self.recursion.lora_rank)
+
+
+def largest_rank(source, recursion: RecursionConfig, budget: int) -> int | None:
+    """The largest uniform LoRA rank whose model has at most `budget` parameters (None: not even
+    rank 0 fits), capped at the smallest target linear's full rank, where more rank buys nothing."""
+    base = parameter_count(source, dataclasses.replace(recursion, lora_rank=0, rank_pattern=None))
+    if base > budget:
+        return None
+    per_rank = parameter_count(source, dataclasses.replace(recursion, lora_rank=1, rank_pattern=None)) - base
+    family = detect_family(source.config)
+    layer = source.get_submodule(family.layers)[0]
+    targets = recursion.lora_targets or list(family.linears)
+    full = min(min(layer.get_submodule(family.linears[t]).weight.shape) for t in targets)
+    return full if per_rank == 0 else min(full, (budget - base) // per_rank)
+
+
+def candidates(source, target_params: float, strategy: str = "cycle", init: str = "average",
+               calibration: CalibrationStats | None = None, allocate: bool = False,
+               damp: float = 0.01) -> list[Candidate]:
+    """Every loop count the layout allows (2 and up) that fits `target_params` of the source's
+    parameters, each with the rank(s) that fill the budget: one uniform rank, or per-linear ranks
+    from the calibrated spectra with `allocate` (needs `calibration`)."""
+    total = sum(p.numel() for p in source.parameters())
+    budget = int(target_params * total)
+    num_layers = arch_from_config(detect_family(source.config), source.config).num_layers
+    found = []
+    for loops in range(2, num_layers + 1):
+        recursion = RecursionConfig(num_loops=loops, strategy=strategy, init=init, lora_rank=0)
+        try:
+            Layout.build(num_layers, recursion)
+        except ConfigError:
+            continue  # loops does not divide the shared layers
+        rank = largest_rank(source, recursion, budget)
+        if rank is None:
+            continue
+        if allocate:
+            pattern = allocate_ranks(source, recursion, calibration, target_params, damp=damp)
+            recursion = dataclasses.replace(recursion, rank_pattern=pattern)
+        else:
+            recursion = dataclasses.replace(recursion, lora_rank=rank)
+        found.append(Candidate(recursion, parameter_count(source, recursion)))
+    if not found:
+        smallest = RecursionConfig(num_loops=num_layers, strategy=strategy, init=init, lora_rank=0)
+        floor = parameter_count(source, smallest) / total
+        raise ValueError(f"--target-params {target_params:g} is below the smallest recursive model "
+                         f"({floor:.1%} of the teacher's parameters: one shared layer, rank 0)")
+    return found
+
+
+@torch.no_grad()
+def search(source, calibration: CalibrationStats, tokens: torch.Tensor, options: list[Candidate], seq_len: int,
+           damp: float = 0.01, log: Callable[[str], None] = print) -> Candidate:
+    """Convert every candidate with `calibration`, score it on `tokens`, return the best."""
+    from .convert import convert
+    from .eval.metrics import perplexity
+
+    device = next(source.parameters()).device
+    for c in options:
+        model = convert(source, c.recursion, progress=False, calibration=calibration, damp=damp).to(device)
+        c.ppl = perplexity(model, tokens, context_len=seq_len, stride=seq_len)["ppl"]
+        del model
+        log(f"      {c.loops:>2} loops, rank {c.rank}: {c.params / 1e6:.1f}M parameters, "
+            f"converted held-out ppl {c.ppl:.4g}")
+    return min(options, key=lambda c: c.ppl)
+
+
+__all__ = ["Candidate", "candidates", "largest_rank", "search"]

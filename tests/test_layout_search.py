@@ -1,0 +1,64 @@
+"""Choosing the loops for a parameter budget: the candidates fill it, the search keeps the best."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make
+
+import recursify as rf
+from recursify.calibrate import collect_stats
+from recursify.eval.metrics import perplexity
+from recursify.layout_search import candidates, search
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def built_params(source, recursion) -> int:
+    """Parameters of the model actually converted, counted from its tensors."""
+    return sum(p.numel() for p in rf.convert(source, recursion, progress=False).parameters())
+
+
+def test_each_candidate_has_the_largest_rank_that_fits():
+    source = make("llama")
+    total = sum(p.numel() for p in source.parameters())
+    found = candidates(source, 0.6, init="average")
+    assert [c.loops for c in found] == [2, 3, 6]  # the divisors of 6 layers, each fitting 60 %
+    full = 32  # the tiny llama's smallest target linear: k/v project 64 -> 2 heads x 16
+    for c in found:
+        assert c.params == built_params(source, c.recursion) <= 0.6 * total
+        rank = c.recursion.lora_rank
+        if rank < full:  # one more rank would not fit
+            bigger = rf.RecursionConfig(num_loops=c.loops, init="average", lora_rank=rank + 1)
+            assert built_params(source, bigger) > 0.6 * total
+    assert found[0].recursion.lora_rank < found[-1].recursion.lora_rank  # fewer shared layers buy more rank
+    with pytest.raises(ValueError, match="below the smallest recursive model"):
+        candidates(source, 0.05)
+
+
+def test_the_search_keeps_the_layout_the_source_really_has():
+    """A source whose layers repeat A B C A B C is exactly a 2-loop cycle model at rank 0: the
+    search must find it among the layouts of the same size, and it reproduces the source."""
+    source = make("llama")
+    layers = source.model.layers
+    with torch.no_grad():
+        for i in range(3):
+            for p, q in zip(layers[i + 3].parameters(), layers[i].parameters()):
+                p.copy_(q)
+        source.lm_head.weight.mul_(8)  # peaked predictions, so that layouts differ clearly
+    total = sum(p.numel() for p in source.parameters())
+    two_loops = rf.RecursionConfig(num_loops=2, init="average", lora_rank=0)
+    target = built_params(source, two_loops) / total
+    # Text the source itself samples: no other model scores it better in expectation (Gibbs).
+    torch.manual_seed(0)
+    start = torch.randint(0, 97, (32, 1), generator=GEN)
+    tokens = source.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=31, min_new_tokens=31,
+                             do_sample=True, top_k=0, pad_token_id=1)
+    stats = collect_stats(source, tokens, progress=False)
+    options = candidates(source, target, init="average")
+    assert [(c.loops, c.recursion.lora_rank) for c in options][0] == (2, 0)
+    best = search(source, stats, tokens, options, seq_len=32, log=lambda s: None)
+    assert best.loops == 2
+    teacher = perplexity(source, tokens, context_len=32, stride=32)["ppl"]
+    assert best.ppl == pytest.approx(teacher, rel=1e-5)
+    assert all(c.ppl > teacher * 1.001 for c in options if c.loops != 2)
