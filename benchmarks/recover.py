@@ -50,10 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=6.0, help="Training budget per recipe.")
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--strategy", default="cycle", help="Layer-to-slot map of the recursive recipes (recursify convert --strategy).")
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--rank", default="64", help="LoRA rank, or 'fill': the largest rank (each linear capped at its "
+                                               "full rank) that fits --target-params, as compress --loops auto gives.")
     ap.add_argument("--init", default="average", help="Shared-weight init of the calibrated recipes.")
     ap.add_argument("--target-params", type=float, default=None,
-                    help="allocated-kd: parameter fraction (default: that of --rank uniform).")
+                    help="allocated-kd, --rank fill: parameter fraction (allocated-kd's default: that of --rank uniform).")
     ap.add_argument("--local-fraction", type=float, default=0.3)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seq-tokens", type=int, default=8192)
@@ -94,7 +95,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     stats = collect_stats(teacher, seqs)  # never from the cache: its cost is part of the recipes
     calib_s = time.perf_counter() - t0
-    base = rf.RecursionConfig(num_loops=args.loops, strategy=args.strategy, init="average", lora_rank=args.rank)
+    base = rf.RecursionConfig(num_loops=args.loops, strategy=args.strategy, init="average",
+                              lora_rank=0 if args.rank == "fill" else int(args.rank))
+    if args.rank == "fill":
+        from recursify.layout_search import largest_rank
+
+        if args.target_params is None:
+            ap.error("--rank fill needs --target-params")
+        base = largest_rank(teacher, base, int(args.target_params * sum(p.numel() for p in teacher.parameters())))
+        if base is None:
+            ap.error(f"{args.loops} loops do not fit --target-params {args.target_params}")
+        print(f"{args.loops} loops, ranks {base.rank_pattern or base.lora_rank}", flush=True)
     teacher_ppl = ppl(teacher)
     print(f"teacher held-out ppl {teacher_ppl:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s", flush=True)
 
@@ -185,7 +196,8 @@ def main(argv=None) -> int:
               f"{r['points'][0]['ppl']:.4g} | {r['final_ppl']:.4g} | {r['kd_tokens']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "teacher_ppl": teacher_ppl, "calibration_seconds": calib_s,
+    out.write_text(json.dumps({"args": vars(args), "recursion": base.to_dict(), "teacher_ppl": teacher_ppl,
+                               "calibration_seconds": calib_s,
                                "rows": rows}, indent=1))
     plot(rows, teacher_ppl, out.with_suffix(".png"), args.minutes)
     return 0

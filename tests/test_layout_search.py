@@ -9,7 +9,7 @@ from tiny_models import make
 import recursify as rf
 from recursify.calibrate import collect_stats
 from recursify.eval.metrics import perplexity
-from recursify.layout_search import candidates, search
+from recursify.layout_search import candidates, capped, full_ranks, search
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -22,16 +22,25 @@ def built_params(source, recursion) -> int:
 def test_each_candidate_has_the_largest_rank_that_fits():
     source = make("llama")
     total = sum(p.numel() for p in source.parameters())
-    found = candidates(source, 0.6, init="average")
-    assert [c.loops for c in found] == [2, 3, 6]  # the divisors of 6 layers, each fitting 60 %
-    full = 32  # the tiny llama's smallest target linear: k/v project 64 -> 2 heads x 16
-    for c in found:
-        assert c.params == built_params(source, c.recursion) <= 0.6 * total
-        rank = c.recursion.lora_rank
-        if rank < full:  # one more rank would not fit
-            bigger = rf.RecursionConfig(num_loops=c.loops, init="average", lora_rank=rank + 1)
-            assert built_params(source, bigger) > 0.6 * total
-    assert found[0].recursion.lora_rank < found[-1].recursion.lora_rank  # fewer shared layers buy more rank
+    # k and v project 64 -> 2 heads x 16: their full rank is 32; the other linears' is 64.
+    assert full_ranks(source, rf.RecursionConfig()) == {"q": 64, "k": 32, "v": 32, "o": 64, "gate": 64, "up": 64,
+                                                        "down": 64}
+    for target in (0.6, 0.95):
+        found = candidates(source, target, init="average")
+        assert [c.loops for c in found] == [2, 3, 6]  # the divisors of 6 layers
+        for c in found:
+            assert c.params == built_params(source, c.recursion) <= target * total
+            ranks = c.recursion.rank_pattern or {n: c.recursion.lora_rank for n in ("q", "k", "v", "o", "gate", "up", "down")}
+            rank = max(ranks.values())
+            assert all(r == min(rank, 32 if n in "kv" else 64) for n, r in ranks.items())  # capped at full rank
+            if rank < 64:  # one more rank would not fit
+                bigger = capped(rf.RecursionConfig(num_loops=c.loops, init="average"), rank + 1, full_ranks(source, c.recursion))
+                assert built_params(source, bigger) > target * total
+        ranks = [c.recursion.lora_rank for c in found]
+        assert ranks == sorted(ranks) and ranks[0] < ranks[-1]  # fewer shared layers buy more rank
+    full = full_ranks(source, rf.RecursionConfig())
+    assert capped(rf.RecursionConfig(), 20, full).lora_rank == 20  # no linear at its full rank yet
+    assert capped(rf.RecursionConfig(), 40, full).rank_pattern == {**{n: 40 for n in full}, "k": 32, "v": 32}
     with pytest.raises(ValueError, match="below the smallest recursive model"):
         candidates(source, 0.05)
 

@@ -36,30 +36,46 @@ class Candidate:
 
     @property
     def rank(self) -> str:
+        """The uniform rank, or the per-linear ranks: 'q 320, k 192, ...'."""
         pattern = self.recursion.rank_pattern
-        return ",".join(f"{k} {v}" for k, v in pattern.items()) if pattern else str(self.recursion.lora_rank)
+        return ", ".join(f"{k} {v}" for k, v in pattern.items()) if pattern else str(self.recursion.lora_rank)
 
 
-def largest_rank(source, recursion: RecursionConfig, budget: int) -> int | None:
-    """The largest uniform LoRA rank whose model has at most `budget` parameters (None: not even
-    rank 0 fits), capped at the smallest target linear's full rank, where more rank buys nothing."""
-    base = parameter_count(source, dataclasses.replace(recursion, lora_rank=0, rank_pattern=None))
-    if base > budget:
-        return None
-    per_rank = parameter_count(source, dataclasses.replace(recursion, lora_rank=1, rank_pattern=None)) - base
+def full_ranks(source, recursion: RecursionConfig) -> dict[str, int]:
+    """Each target linear's full rank, min(d_out, d_in): more LoRA rank than that buys nothing."""
     family = detect_family(source.config)
     layer = source.get_submodule(family.layers)[0]
-    targets = recursion.lora_targets or list(family.linears)
-    full = min(min(layer.get_submodule(family.linears[t]).weight.shape) for t in targets)
-    return full if per_rank == 0 else min(full, (budget - base) // per_rank)
+    return {t: min(layer.get_submodule(family.linears[t]).weight.shape) for t in recursion.lora_targets or family.linears}
+
+
+def capped(recursion: RecursionConfig, rank: int, full: dict[str, int]) -> RecursionConfig:
+    """Uniform rank `rank`, each linear capped at its full rank (as a per-linear pattern when any is)."""
+    if all(rank <= f for f in full.values()):
+        return dataclasses.replace(recursion, lora_rank=rank, rank_pattern=None)
+    return dataclasses.replace(recursion, lora_rank=0, rank_pattern={t: min(rank, f) for t, f in full.items()})
+
+
+def largest_rank(source, recursion: RecursionConfig, budget: int) -> RecursionConfig | None:
+    """`recursion` with the largest uniform LoRA rank (each linear capped at its full rank) whose
+    model has at most `budget` parameters; None when not even rank 0 fits."""
+    full = full_ranks(source, recursion)
+    fits = lambda r: parameter_count(source, capped(recursion, r, full)) <= budget  # noqa: E731
+    if not fits(0):
+        return None
+    lo, hi = 0, max(full.values())
+    while lo < hi:  # the count grows with the rank: bisect for the last rank that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return capped(recursion, lo, full)
 
 
 def candidates(source, target_params: float, strategy: str = "cycle", init: str = "average",
                calibration: CalibrationStats | None = None, allocate: bool = False,
                damp: float = 0.01) -> list[Candidate]:
     """Every loop count the layout allows (2 and up) that fits `target_params` of the source's
-    parameters, each with the rank(s) that fill the budget: one uniform rank, or per-linear ranks
-    from the calibrated spectra with `allocate` (needs `calibration`)."""
+    parameters, each with the rank(s) that fill the budget: one uniform rank (capped per linear at
+    its full rank), or per-linear ranks from the calibrated spectra with `allocate` (needs
+    `calibration`)."""
     total = sum(p.numel() for p in source.parameters())
     budget = int(target_params * total)
     num_layers = arch_from_config(detect_family(source.config), source.config).num_layers
@@ -70,14 +86,14 @@ def candidates(source, target_params: float, strategy: str = "cycle", init: str 
             Layout.build(num_layers, recursion)
         except ConfigError:
             continue  # loops does not divide the shared layers
-        rank = largest_rank(source, recursion, budget)
-        if rank is None:
+        uniform = largest_rank(source, recursion, budget)
+        if uniform is None:
             continue
         if allocate:
             pattern = allocate_ranks(source, recursion, calibration, target_params, damp=damp)
             recursion = dataclasses.replace(recursion, rank_pattern=pattern)
         else:
-            recursion = dataclasses.replace(recursion, lora_rank=rank)
+            recursion = uniform
         found.append(Candidate(recursion, parameter_count(source, recursion)))
     if not found:
         smallest = RecursionConfig(num_loops=num_layers, strategy=strategy, init=init, lora_rank=0)
@@ -100,8 +116,8 @@ def search(source, calibration: CalibrationStats, tokens: torch.Tensor, options:
         c.ppl = perplexity(model, tokens, context_len=seq_len, stride=seq_len)["ppl"]
         del model
         log(f"      {c.loops:>2} loops, rank {c.rank}: {c.params / 1e6:.1f}M parameters, "
-            f"converted held-out ppl {c.ppl:.4g}")
+            f"converted ppl {c.ppl:.4g}")
     return min(options, key=lambda c: c.ppl)
 
 
-__all__ = ["Candidate", "candidates", "largest_rank", "search"]
+__all__ = ["Candidate", "candidates", "capped", "full_ranks", "largest_rank", "search"]
