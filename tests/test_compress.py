@@ -61,8 +61,7 @@ def test_budget_too_short_for_one_step_leaves_nothing(teacher_dir, tmp_path, mon
     (dict(loops=4), "does not divide"),
     (dict(lora_rank="auto"), "goes with"),
     (dict(target_params=0.7), "goes with"),
-    (dict(loops="auto", lora_rank=None), "goes with"),
-    (dict(loops="auto", target_params=0.7), "chooses the rank"),
+    (dict(loops="auto", target_params=0.7), "needs a number of loops"),
     (dict(loops="auto", lora_rank=None, target_params=0.05), "below the smallest recursive model"),
     (dict(loops="three"), "number of loops or auto"),
     (dict(lora_rank="auto", target_params=1.5), r"in \(0, 1\]"),
@@ -97,7 +96,8 @@ def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, 
 def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "auto"
-    s = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, max_tokens=8 * 16 * 4),
+    s = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, max_tokens=8 * 16 * 4,
+                     time_budget=300.0),
                  log=lambda line: None)
     found = s["layout_search"]
     assert [c["loops"] for c in found] == [2, 3, 6] and all(c["params"] <= 0.8 * s["params"]["teacher"] for c in found)
@@ -132,6 +132,12 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     assert f"average is {gap:.1f} points below the teacher's" in md
     assert ("Distillation: KD on the logits + hidden-state distillation at weight 0.5 + aggressive early-exit losses, "
             "lr 0.01, training everything but the embedding and head.") in md
+
+
+def test_by_default_the_loops_and_rank_are_chosen_for_three_quarters_of_the_teacher():
+    c = CompressConfig()
+    c.validate()
+    assert (c.loops, c.lora_rank, c.target_params) == ("auto", None, 0.75)
 
 
 def test_parse_duration():

@@ -32,11 +32,12 @@ class CompressConfig:
     out: str = "runs/compressed"
     data: list[str] = field(default_factory=lambda: ["corpus/python-docs/train"])
     heldout: list[str] | None = None  # default: a held-out fraction of `data`'s documents
-    loops: int | str = 2  # or "auto": the loop count (and rank) whose calibrated conversion is best at target_params
+    loops: int | str = "auto"  # or a number: "auto" keeps the loop count (and rank) whose calibrated conversion is best
     strategy: str = "cycle"
     init: str = "average"
     lora_rank: int | str | None = None  # None: 64, or what fills target_params with loops="auto"; "auto": per-linear ranks
     target_params: float | None = None  # with lora_rank or loops "auto": fraction of the teacher's parameters
+    # (with loops "auto", None means DEFAULT_TARGET)
     time_budget: float = 3600.0  # seconds, everything included
     calib_tokens: int = 16_384
     damp: float = 0.01
@@ -76,8 +77,10 @@ class CompressConfig:
         if self.loops != "auto" and not isinstance(self.loops, int):
             raise CompressError(f"--loops must be a number of loops or auto, got {self.loops!r}")
         if self.loops == "auto" and self.lora_rank not in (None, "auto"):
-            raise CompressError("--loops auto chooses the rank with the loops: drop --lora-rank (or use --lora-rank auto "
-                                "for per-linear ranks)")
+            raise CompressError(f"--lora-rank {self.lora_rank} needs a number of loops (e.g. --loops 2): --loops auto, "
+                                "the default, chooses the rank with the loops (--lora-rank auto: per-linear ranks)")
+        if self.loops == "auto" and self.target_params is None:
+            self.target_params = DEFAULT_TARGET
         if (self.lora_rank == "auto" or self.loops == "auto") != (self.target_params is not None):
             raise CompressError("--target-params goes with --lora-rank auto or --loops auto: the budget decides the "
                                 "ranks (and loops)")
@@ -114,6 +117,7 @@ class Clock:
 
 
 SEARCH_TOKENS = 2048  # training tokens each --loops auto candidate is scored on
+DEFAULT_TARGET = 0.75  # the student's size with --loops auto and no --target-params
 
 # What only decides what is measured at the end: a resumed run may add or drop it.
 EVALUATION_ONLY = ("overwrite", "baseline", "paper_tasks")
