@@ -9,7 +9,7 @@ from tiny_models import make
 import recursify as rf
 from recursify.calibrate import collect_stats
 from recursify.eval.metrics import perplexity
-from recursify.layout_search import candidates, capped, full_ranks, search
+from recursify.layout_search import candidates, capped, full_ranks, search, without_search
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -71,3 +71,9 @@ def test_the_search_keeps_the_layout_the_source_really_has():
     teacher = perplexity(source, tokens, context_len=32, stride=32)["ppl"]
     assert best.ppl == pytest.approx(teacher, rel=1e-5)
     assert all(c.ppl > teacher * 1.001 for c in options if c.loops != 2)
+
+
+def test_without_a_search_the_most_loops_that_share_three_layers():
+    found = candidates(make("llama"), 0.8, init="average")  # 6 layers: 2, 3 or 6 loops of 3, 2 or 1
+    assert without_search(found, 6).loops == 2
+    assert without_search(found[1:], 6).loops == 3  # none shares 3 layers: the fewest loops

@@ -244,12 +244,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about
         # 4 forwards per token (nothing when cached), the sequential refit about 12; converting about
         # 10k forwards' time whatever the tokens, four times that with the joint shared-weight fit.
-        calib_tokens = cfg.calib_tokens
+        # The layout search (about one conversion's time per layout) is dropped before the refit.
+        calib_tokens, searching = cfg.calib_tokens, auto_loops
         while True:
             seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
             convert_s = (40_000 if cfg.init == "calibrated" else 10_000) / fwd
-            search_s = len(options) * (convert_s + 3 * SEARCH_TOKENS / fwd)
+            search_s = len(options) * convert_s if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
@@ -257,6 +258,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             calib_tokens = max(2048, calib_tokens // 2)
         if calib_tokens < cfg.calib_tokens:
             log(f"      calibrating on {calib_tokens} tokens instead of {cfg.calib_tokens} to fit the budget")
+        if searching and clock.left < prep + refit + reserve + 10 * step_s:
+            from .layout_search import without_search
+
+            pick = without_search(options, teacher.config.num_hidden_layers)
+            log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
+                f"rank {pick.rank} (raise --time-budget to let it choose)")
+            searching, prep, recursion = False, prep - search_s, pick.recursion
         if sequential and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
             sequential = False
@@ -267,7 +275,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stage(2, f"calibrating on {seqs.numel()} tokens")
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
-        if auto_loops:
+        if searching:
             from .layout_search import candidates, search
 
             stage(3, f"choosing the loops for {cfg.target_params:.0%} of the teacher's parameters: converting "
