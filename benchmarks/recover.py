@@ -72,6 +72,10 @@ def main(argv=None) -> int:
                     help="LR of the recursive models' shared weights as a fraction of the recipe's lr.")
     ap.add_argument("--out", default="benchmarks/results/recover.json")
     args = ap.parse_args(argv)
+    if args.rank != "fill" and not args.rank.isdigit():
+        ap.error(f"--rank must be a number or fill, got {args.rank!r}")
+    if args.rank == "fill" and args.target_params is None:
+        ap.error("--rank fill needs --target-params")
     runs = []
     for item in args.recipes.split(","):
         name, lr, trainable, hidden = (item.split(":") + [None, None, None])[:4]
@@ -100,12 +104,10 @@ def main(argv=None) -> int:
     if args.rank == "fill":
         from recursify.layout_search import largest_rank
 
-        if args.target_params is None:
-            ap.error("--rank fill needs --target-params")
         base = largest_rank(teacher, base, int(args.target_params * sum(p.numel() for p in teacher.parameters())))
         if base is None:
             ap.error(f"{args.loops} loops do not fit --target-params {args.target_params}")
-        print(f"{args.loops} loops, ranks {base.rank_pattern or base.lora_rank}", flush=True)
+        print(f"{args.loops} loops, ranks {base.rank_text}", flush=True)
     teacher_ppl = ppl(teacher)
     print(f"teacher held-out ppl {teacher_ppl:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s", flush=True)
 

@@ -261,7 +261,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if searching and clock.left < prep + refit + reserve + 10 * step_s:
             from .layout_search import without_search
 
-            pick = without_search(options, teacher.config.num_hidden_layers)
+            pick = without_search(teacher, options)
             log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
                 f"rank {pick.rank} (raise --time-budget to let it choose)")
             searching, prep, recursion = False, prep - search_s, pick.recursion
@@ -297,10 +297,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             except ValueError as e:
                 raise CompressError(str(e)) from e
             recursion = dataclasses.replace(recursion, rank_pattern=ranks)
-            log("      ranks for " + f"{cfg.target_params:.0%} of the teacher's parameters: "
-                + ", ".join(f"{k} {v}" for k, v in ranks.items()))
-        rank = ", ".join(f"{k} {v}" for k, v in recursion.rank_pattern.items()) if recursion.rank_pattern else recursion.lora_rank
-        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {cfg.init}, rank {rank}, calibrated"
+            log(f"      ranks for {cfg.target_params:.0%} of the teacher's parameters: {recursion.rank_text}")
+        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {cfg.init}, rank {recursion.rank_text}, "
+              "calibrated"
               + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
         if sequential:

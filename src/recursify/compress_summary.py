@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .config import RecursionConfig
+
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n   ", "The most important thing about a list is")
 LABELS = {"teacher": "teacher", "student": "compressed", "baseline": "plain model, same size and training"}
 
@@ -56,10 +58,8 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
 
 
 def _ranks(recursion: dict) -> str:
-    pattern = recursion.get("rank_pattern")
-    if pattern:
-        return "LoRA ranks " + ", ".join(f"{k} {v}" for k, v in pattern.items())
-    return f"LoRA rank {recursion['lora_rank']}"
+    r = RecursionConfig.from_dict(recursion)
+    return ("LoRA ranks " if r.rank_pattern else "LoRA rank ") + r.rank_text
 
 
 def _recipe(cfg: dict) -> str:

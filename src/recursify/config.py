@@ -84,6 +84,13 @@ class RecursionConfig:
     def looping(self) -> str:
         return "cycle" if self.strategy.endswith("cycle") else "sequence"
 
+    @property
+    def rank_text(self) -> str:
+        """The uniform LoRA rank, or the per-linear ranks: 'q 320, k 192, ...'."""
+        if self.rank_pattern:
+            return ", ".join(f"{k} {v}" for k, v in self.rank_pattern.items())
+        return str(self.lora_rank)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -4,7 +4,7 @@ At a fixed size a recursive model can loop fewer unique layers more often and sp
 parameters that saves on per-position LoRA rank, or the reverse. Which split is best depends on
 the model and the budget, and it is decided before any training: the calibrated conversion of each
 candidate (the teacher's statistics do not depend on the layout, so they are gathered once) is
-scored on held-out text, and the candidate with the lowest perplexity is kept. On SmolLM2-135M
+scored on a slice of the training text, and the candidate with the lowest perplexity is kept. On SmolLM2-135M
 that ranking before training is the ranking after distillation (benchmarks/recover.py).
 """
 
@@ -36,9 +36,11 @@ class Candidate:
 
     @property
     def rank(self) -> str:
-        """The uniform rank, or the per-linear ranks: 'q 320, k 192, ...'."""
-        pattern = self.recursion.rank_pattern
-        return ", ".join(f"{k} {v}" for k, v in pattern.items()) if pattern else str(self.recursion.lora_rank)
+        return self.recursion.rank_text
+
+
+def _num_layers(source) -> int:
+    return arch_from_config(detect_family(source.config), source.config).num_layers
 
 
 def full_ranks(source, recursion: RecursionConfig) -> dict[str, int]:
@@ -78,7 +80,7 @@ def candidates(source, target_params: float, strategy: str = "cycle", init: str 
     `calibration`)."""
     total = sum(p.numel() for p in source.parameters())
     budget = int(target_params * total)
-    num_layers = arch_from_config(detect_family(source.config), source.config).num_layers
+    num_layers = _num_layers(source)
     found = []
     for loops in range(2, num_layers + 1):
         recursion = RecursionConfig(num_loops=loops, strategy=strategy, init=init, lora_rank=0)
@@ -103,10 +105,11 @@ def candidates(source, target_params: float, strategy: str = "cycle", init: str 
     return found
 
 
-def without_search(options: list[Candidate], num_layers: int) -> Candidate:
+def without_search(source, options: list[Candidate]) -> Candidate:
     """The layout to take when the budget cannot pay for the search: the most loops that still
     share at least 3 layers (10 loops of 3 were the best, or within 1 % of it after training, at
     50 % and 75 % of SmolLM2-135M; see the README)."""
+    num_layers = _num_layers(source)
     blocks = {id(c): Layout.build(num_layers, c.recursion).block_size for c in options}
     wide = [c for c in options if blocks[id(c)] >= 3]
     return max(wide, key=lambda c: c.loops) if wide else options[0]
