@@ -13,10 +13,11 @@ calibrated-local-kd (the same, then --local-fraction of the training time on loc
 before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear),
 baseline-kd (the parameter-matched plain model: the largest stepwise layer subset of the teacher
 with no more parameters than the recursive student, distilled the same way).
-A recipe may carry its own learning rate, trainable set and hidden-state distillation weight,
-NAME[:LR[:TRAINABLE[:HIDDEN]]], e.g. `--recipes calibrated-kd:1e-3,calibrated-kd:3e-4:body:1,baseline-kd:1e-3`;
-the defaults are --lr, --trainable (all, body, lora, shared or norms, as in `recursify train`) and
---hidden-weight.
+A recipe may carry its own learning rate, trainable set, hidden-state distillation weight and
+batch size, NAME[:LR[:TRAINABLE[:HIDDEN[:BATCH]]]], e.g.
+`--recipes calibrated-kd:1e-3,calibrated-kd:3e-4:body:1,calibrated-kd:3e-4:all:0:1,baseline-kd:1e-3`;
+the defaults are --lr, --trainable (all, body, lora, shared or norms, as in `recursify train`),
+--hidden-weight and --batch-size.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seq-tokens", type=int, default=8192)
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--eval-every", type=int, default=4, help="KD steps between held-out evaluations.")
+    ap.add_argument("--eval-every", type=int, default=4, help="KD steps between held-out evaluations at --batch-size (the same "
+                                                            "tokens between them for a recipe with its own batch).")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of a recipe that names none.")
@@ -78,9 +80,9 @@ def main(argv=None) -> int:
         ap.error("--rank fill needs --target-params")
     runs = []
     for item in args.recipes.split(","):
-        name, lr, trainable, hidden = (item.split(":") + [None, None, None])[:4]
+        name, lr, trainable, hidden, batch = (item.split(":") + [None] * 4)[:5]
         runs.append((name, float(lr) if lr else args.lr, trainable or args.trainable,
-                     float(hidden) if hidden else args.hidden_weight))
+                     float(hidden) if hidden else args.hidden_weight, int(batch) if batch else args.batch_size))
     recipes = [r[0] for r in runs]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         return prepared[kind]
 
     rows = []
-    for recipe, lr, trainable, hidden in runs:
+    for recipe, lr, trainable, hidden, batch in runs:
         kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline"}.get(recipe, "calibrated")
         folder, prep_s = prepare(kind)
         clock = 0.0
@@ -171,12 +173,12 @@ def main(argv=None) -> int:
             trainable, hidden, shared_lr_scale = ("body" if trainable == "body" else "all"), 0.0, 1.0
         else:
             shared_lr_scale = args.shared_lr_scale
-        kd_out = work / f"{recipe}-{lr:g}-{trainable}-{hidden:g}-kd"
+        kd_out = work / f"{recipe}-{lr:g}-{trainable}-{hidden:g}-{batch}-kd"
         result = train(TrainConfig(
             student=str(folder), teacher=str(teacher_dir), data=[args.data], heldout=[args.heldout], out=str(kd_out),
-            max_tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, warmup_steps=5,
+            max_tokens=10**9, seq_len=args.seq_len, batch_size=batch, lr=lr, warmup_steps=5,
             trainable=trainable, hidden_weight=hidden, shared_lr_scale=shared_lr_scale,
-            eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
+            eval_every=max(1, args.eval_every * args.batch_size // batch), eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
             progress=False))
         kd_clock = clock
         for rec in map(json.loads, (kd_out / "metrics.jsonl").read_text().splitlines()):
@@ -184,17 +186,17 @@ def main(argv=None) -> int:
                 kd_clock += rec["step_s"]
             elif rec["kind"] == "eval" and rec["step"] > 0:
                 points.append({"seconds": kd_clock, "ppl": rec["ppl"], "stage": "kd", "step": rec["step"]})
-        row = {"recipe": recipe, "lr": lr, "trainable": trainable, "hidden_weight": hidden,
+        row = {"recipe": recipe, "lr": lr, "trainable": trainable, "hidden_weight": hidden, "batch_size": batch,
                "shared_lr_scale": shared_lr_scale, "params": params, "points": points, "final_ppl": points[-1]["ppl"],
                "kd_tokens": result.get("tokens"), "local": local, "prep_seconds": prep_s}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
 
     print(f"\nteacher held-out ppl {teacher_ppl:.2f}; {args.minutes:g} training minutes per recipe\n")
-    print("| recipe | lr | trains | hidden | params | prep s | converted ppl | final ppl | KD tokens |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| recipe | lr | trains | hidden | batch | params | prep s | converted ppl | final ppl | KD tokens |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['lr']:g} | {r['trainable']} | {r['hidden_weight']:g} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | "
+        print(f"| {r['recipe']} | {r['lr']:g} | {r['trainable']} | {r['hidden_weight']:g} | {r['batch_size']} | {r['params'] / 1e6:.1f}M | {r['prep_seconds']:.0f} | "
               f"{r['points'][0]['ppl']:.4g} | {r['final_ppl']:.4g} | {r['kd_tokens']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,8 @@ def plot(rows, teacher_ppl, path: Path, minutes: float) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         label = (f"{r['recipe']} lr {r.get('lr', 3e-4):g}" + (f" ({r['trainable']})" if r.get("trainable", "all") != "all" else "")
-                 + (f" hidden {r['hidden_weight']:g}" if r.get("hidden_weight") else ""))
+                 + (f" hidden {r['hidden_weight']:g}" if r.get("hidden_weight") else "")
+                 + (f" batch {r['batch_size']}" if r.get("batch_size", 4) != 4 else ""))
         ax.plot([p["seconds"] for p in r["points"]], [p["ppl"] for p in r["points"]], marker="o", ms=3, label=label)
     ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")

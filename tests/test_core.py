@@ -234,6 +234,39 @@ def test_per_forward_adapter_views_give_the_int_index_gradients(monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
 
 
+def test_merged_adapter_gives_the_adapter_path_logits_and_gradients(monkeypatch):
+    """Many tokens at one position use the dense W + B A (`DepthwiseLoRA.merge_pays`); logits and
+    the gradients of W, A and B must be those of applying the adapter beside W."""
+    from recursify.lora import DepthwiseLoRA
+
+    torch.manual_seed(0)
+    model = rf.convert(make("llama"), rf.RecursionConfig(num_loops=3, lora_rank=4), progress=False)
+    with torch.no_grad():  # B A not small against W, so a wrong merge would show
+        for lora in model.lora.values():
+            lora.lora_B.normal_(std=0.2)
+    ids = torch.randint(0, 97, (4, 64))
+    calls = []
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    real = DepthwiseLoRA.merge_pays
+    monkeypatch.setattr(DepthwiseLoRA, "merge_pays", lambda self, x: calls.append(real(self, x)) or calls[-1])
+    logits, grads = run()
+    assert calls and all(calls), "256 tokens at one position should take the merged weight"
+    monkeypatch.setattr(DepthwiseLoRA, "merge_pays", lambda self, x: False)
+    ref_logits, ref_grads = run()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("slots.") for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    x = torch.zeros(1, 2, model.lora["q"].lora_A.shape[-1])
+    assert not real(model.lora["q"], x), "a decode step of 2 tokens should keep the adapter"
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
 def test_full_rank_greedy_generate_equals_the_source(family):
     source = make(family)

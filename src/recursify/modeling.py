@@ -207,13 +207,18 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         return logits
 
     def _linear(self, slot: int, name: str, x: torch.Tensor, position: Position) -> torch.Tensor:
-        y = F.linear(x, self.slots[slot].linears[name].weight)
+        weight = self.slots[slot].linears[name].weight
+        lora = self.lora[name] if name in self.lora else None
+        if lora is not None and isinstance(position, int) and lora.merge_pays(x):
+            y, lora = F.linear(x, lora.merged(weight, position)), None
+        else:
+            y = F.linear(x, weight)
         if name in self.bias:
             index = self._norm_index(slot, position)
             b = self.bias[name]
             y = y + (b[index] if isinstance(index, int) else b.index_select(0, index).unsqueeze(1))
-        if name in self.lora:
-            y = y + self.lora[name](x, position)
+        if lora is not None:
+            y = y + lora(x, position)
         if name in self.diag:
             y = y + self.diag[name](x, position)
         return y
