@@ -104,6 +104,7 @@ def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teach
     best = min(found, key=lambda c: c["ppl"])
     assert s["recursion"]["num_loops"] == best["loops"] and str(s["recursion"]["lora_rank"]) == best["rank"]
     assert s["params"]["student"] == best["params"]
+    assert s["recursion"]["init"] == "calibrated"  # the default: scored with average init, converted with this
     md = (out / "summary.md").read_text()
     assert "Loops and rank chosen among 3 layouts that fit 80% of the teacher" in md
     assert f"{best['loops']} loops, rank {best['rank']}: {best['ppl']:.4g}" in md

@@ -34,7 +34,7 @@ class CompressConfig:
     heldout: list[str] | None = None  # default: a held-out fraction of `data`'s documents
     loops: int | str = "auto"  # or a number: "auto" keeps the loop count (and rank) whose calibrated conversion is best
     strategy: str = "cycle"
-    init: str = "average"
+    init: str = "calibrated"  # layouts are compared with "average" (cheaper); the chosen one gets this
     lora_rank: int | str | None = None  # None: 64, or what fills target_params with loops="auto"; "auto": per-linear ranks
     target_params: float | None = None  # with lora_rank or loops "auto": fraction of the teacher's parameters
     # (with loops "auto", None means DEFAULT_TARGET)
@@ -200,11 +200,14 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks its own the same way
     teacher, tok = load_pretrained(cfg.model, device=device)
     options = []
+    # Layouts are compared with the average init, since the joint calibrated fit costs four plain
+    # conversions' time; the chosen layout is then converted with cfg.init.
+    search_init = "average" if cfg.init == "calibrated" else cfg.init
     if auto_loops:  # the layouts that fit the budget, known before calibration
         from .layout_search import candidates
 
         try:
-            options = candidates(teacher, cfg.target_params, cfg.strategy, cfg.init)
+            options = candidates(teacher, cfg.target_params, cfg.strategy, search_init)
         except ValueError as e:
             raise CompressError(str(e)) from e
     elif auto:  # a budget that even rank 0 exceeds fails now, not after calibration
@@ -245,12 +248,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         # 4 forwards per token (nothing when cached), the sequential refit about 12; converting about
         # 10k forwards' time whatever the tokens, four times that with the joint shared-weight fit.
         # The layout search (about one conversion's time per layout) is dropped before the refit.
-        calib_tokens, searching = cfg.calib_tokens, auto_loops
+        calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
         while True:
             seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
-            convert_s = (40_000 if cfg.init == "calibrated" else 10_000) / fwd
-            search_s = len(options) * convert_s if searching else 0
+            convert_s = (40_000 if init == "calibrated" else 10_000) / fwd
+            search_s = len(options) * 10_000 / fwd if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
@@ -265,6 +268,10 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
                 f"rank {pick.rank} (raise --time-budget to let it choose)")
             searching, prep, recursion = False, prep - search_s, pick.recursion
+        if init == "calibrated" and clock.left < prep + refit + reserve + 10 * step_s:
+            log("      the budget is too short for the calibrated shared-weight fit; using average init "
+                "(raise --time-budget to keep it)")
+            init, prep = "average", prep - 30_000 / fwd
         if sequential and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
             sequential = False
@@ -281,7 +288,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             stage(3, f"choosing the loops for {cfg.target_params:.0%} of the teacher's parameters: converting "
                      f"{len(options)} layouts and scoring them on {SEARCH_TOKENS} training tokens")
             if auto:
-                options = candidates(teacher, cfg.target_params, cfg.strategy, cfg.init, stats, allocate=True,
+                options = candidates(teacher, cfg.target_params, cfg.strategy, search_init, stats, allocate=True,
                                      damp=cfg.damp)
             probe = seqs[-max(1, SEARCH_TOKENS // cfg.seq_len):]
             best = search(teacher, stats, probe, options, cfg.seq_len, damp=cfg.damp, log=log)
@@ -298,7 +305,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 raise CompressError(str(e)) from e
             recursion = dataclasses.replace(recursion, rank_pattern=ranks)
             log(f"      ranks for {cfg.target_params:.0%} of the teacher's parameters: {recursion.rank_text}")
-        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {cfg.init}, rank {recursion.rank_text}, "
+        recursion = dataclasses.replace(recursion, init=init)
+        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {init}, rank {recursion.rank_text}, "
               "calibrated"
               + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)

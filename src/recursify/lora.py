@@ -54,7 +54,8 @@ class DepthwiseLoRA(nn.Module):
         the backward); the merge costs d_out * r * d_in, after which the dense matmul runs at no
         extra cost and its weight gradient also gives A's and B's. On a CPU step of 1,024 tokens
         this is 3-4x fewer operations on the adapter; a decode step of a few tokens keeps the
-        adapter.
+        adapter. The price is memory: a training step keeps each position's dense weight for its
+        backward, as much as the original model's layers.
         """
         d_in, d_out = self.lora_A.shape[-1], self.lora_B.shape[1]
         tokens = x.numel() // d_in
