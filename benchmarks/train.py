@@ -1,9 +1,11 @@
 """Training benchmark: KD-step throughput/memory, and quality after a fixed token budget.
 
 1. Throughput: tokens/s and peak memory of one KD step (teacher forward without grad, student
-   forward + loss + backward + AdamW) for the 2-loop r=64 recursive SmolLM2-135M, done by
-   recursify's loss code, against the same KD step in a plain loop over a teacher-sized Hugging
-   Face student (a copy of the teacher). On CPU (and CUDA when there is one).
+   forward + loss + backward + AdamW) for the recursive SmolLM2-135M at 2 loops r=64 and 5 loops
+   r=168 (both 75 % of the parameters), done by recursify's loss code, each with the LoRA merged
+   into the dense weight (the default for many tokens) and kept beside it; against the same KD
+   step in a plain loop over a teacher-sized Hugging Face student (a copy of the teacher). On CPU
+   (and CUDA when there is one).
 2. Quality: held-out perplexity of the 2-loop recursive model with r=0 and r=64, and of the
    parameter-matched truncated model (the teacher's first K=15 layers + its head), before and
    after the same KD token budget, each trained by `recursify.train.trainer.train`.
@@ -100,7 +102,11 @@ def measure(steps: dict, tokens_per_step: int, device: str, warmup: int, repeats
 
 def throughput(teacher, device: str, args) -> list[dict]:
     """The recursify KD step (Distiller + chunked losses) against a plain HF KD loop, same batch."""
+    from contextlib import nullcontext
+    from unittest.mock import patch
+
     import recursify as rf
+    from recursify.lora import DepthwiseLoRA
     from recursify.train.losses import LossConfig
     from recursify.train.trainer import Distiller
 
@@ -108,9 +114,23 @@ def throughput(teacher, device: str, args) -> list[dict]:
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
-    student = rf.convert(teacher.cpu(), rf.RecursionConfig(num_loops=2, lora_rank=64), progress=False)
-    rec = Distiller(student.to(device).train(), LossConfig(alpha=1.0))
-    rec_opt = torch.optim.AdamW(rec.parameters(), lr=1e-5)
+    def recursive_step(recursion, merge: bool):
+        """A KD step of a recursive student; merge=False keeps each LoRA beside its shared weight
+        (two thin matmuls) even where the dense W + B A is cheaper (`DepthwiseLoRA.merge_pays`)."""
+        student = rf.convert(teacher.cpu(), recursion, progress=False)
+        rec = Distiller(student.to(device).train(), LossConfig(alpha=1.0))
+        opt = torch.optim.AdamW(rec.parameters(), lr=1e-5)
+
+        def step():
+            t = teacher_logits()
+            with amp, (nullcontext() if merge else patch.object(DepthwiseLoRA, "merge_pays", lambda self, x: False)):
+                loss = rec(ids, t)["loss"]
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step, student
+
     hf = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
     teacher = teacher.to(device)
@@ -118,14 +138,6 @@ def throughput(teacher, device: str, args) -> list[dict]:
     def teacher_logits():
         with torch.no_grad(), amp:
             return teacher(input_ids=ids, use_cache=False).logits
-
-    def rec_step():
-        t = teacher_logits()
-        with amp:
-            loss = rec(ids, t)["loss"]
-        loss.backward()
-        rec_opt.step()
-        rec_opt.zero_grad(set_to_none=True)
 
     def plain_step():  # logits materialised, one KL over [B, T, V]
         t = teacher_logits()
@@ -137,10 +149,15 @@ def throughput(teacher, device: str, args) -> list[dict]:
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
-    names = {"recursify 2-loop r=64": (rec_step, student), "plain HF loop, teacher-sized student": (plain_step, hf)}
+    two, five = rf.RecursionConfig(num_loops=2, lora_rank=64), rf.RecursionConfig(num_loops=5, lora_rank=168)
+    names = {"recursify 2-loop r=64": recursive_step(two, True),
+             "recursify 2-loop r=64, adapter beside W": recursive_step(two, False),
+             "recursify 5-loop r=168": recursive_step(five, True),
+             "recursify 5-loop r=168, adapter beside W": recursive_step(five, False),
+             "plain HF loop, teacher-sized student": (plain_step, hf)}
     res = measure({n: fn for n, (fn, _) in names.items()}, ids.numel(), device, args.warmup, args.steps)
     rows = [{"device": device, "model": n, "params_m": _params(m), **res[n]} for n, (_, m) in names.items()]
-    del rec, rec_opt, hf, hf_opt, student
+    del names, hf, hf_opt
     gc.collect()
     teacher.cpu()
     return rows
