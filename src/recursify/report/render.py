@@ -134,7 +134,10 @@ def _measured(res: Results, keys: dict) -> dict:
 
 
 def _off(x: float, ref: float) -> str:
-    return f"{(x - ref) / ref:+.1%}"  # signed relative difference
+    """Signed relative difference; a ratio once the two are 10x apart (where -100.0% says nothing)."""
+    if x > 0 and ref > 0 and max(x / ref, ref / x) >= 10:
+        return f"{ref / x:,.0f}x lower" if x < ref else f"{x / ref:,.0f}x higher"
+    return f"{(x - ref) / ref:+.1%}"
 
 
 def full_rank_note(res: Results) -> str:
