@@ -81,8 +81,14 @@ def main(argv=None) -> int:
     runs = []
     for item in args.recipes.split(","):
         name, lr, trainable, hidden, batch = (item.split(":") + [None] * 4)[:5]
-        runs.append((name, float(lr) if lr else args.lr, trainable or args.trainable,
-                     float(hidden) if hidden else args.hidden_weight, int(batch) if batch else args.batch_size))
+        try:
+            run = (name, float(lr) if lr else args.lr, trainable or args.trainable,
+                   float(hidden) if hidden else args.hidden_weight, int(batch) if batch else args.batch_size)
+        except ValueError:
+            ap.error(f"recipe {item!r}: expected NAME[:LR[:TRAINABLE[:HIDDEN[:BATCH]]]] with numbers for LR, HIDDEN, BATCH")
+        if run[4] < 1:
+            ap.error(f"recipe {item!r}: the batch size must be at least 1")
+        runs.append(run)
     recipes = [r[0] for r in runs]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:

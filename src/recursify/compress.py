@@ -22,6 +22,12 @@ from .compress_summary import fmt_seconds as _fmt_s
 from .compress_summary import measure, render_summary
 
 
+def _convert_forwards(init: str) -> int:
+    """A conversion's time in teacher forwards (measured on SmolLM2 / 2 cores): about 10k whatever
+    the tokens, four times that with the joint calibrated shared-weight fit."""
+    return 40_000 if init == "calibrated" else 10_000
+
+
 class CompressError(ValueError):
     """A compress request that cannot give a model; one line meant for the user."""
 
@@ -244,16 +250,16 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     sequential = cfg.sequential and state.get("sequential", True)
     if not (converted / "config.json").exists():
         # Fit the preparation to the budget: fewer calibration tokens (down to 2048), then no
-        # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about
-        # 4 forwards per token (nothing when cached), the sequential refit about 12; converting about
-        # 10k forwards' time whatever the tokens, four times that with the joint shared-weight fit.
-        # The layout search (about one conversion's time per layout) is dropped before the refit.
+        # layout search (one plain conversion's time a layout), then average init instead of the
+        # joint fit, then no sequential refit, before giving up. Measured on SmolLM2 / 2 cores:
+        # statistics cost about 4 forwards per token (nothing when cached), the sequential refit
+        # about 12; a conversion `_convert_forwards`.
         calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
         while True:
             seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
-            convert_s = (40_000 if init == "calibrated" else 10_000) / fwd
-            search_s = len(options) * 10_000 / fwd if searching else 0
+            convert_s = _convert_forwards(init) / fwd
+            search_s = len(options) * _convert_forwards(search_init) / fwd if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
@@ -271,7 +277,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if init == "calibrated" and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the calibrated shared-weight fit; using average init "
                 "(raise --time-budget to keep it)")
-            init, prep = "average", prep - 30_000 / fwd
+            prep -= (_convert_forwards(init) - _convert_forwards("average")) / fwd
+            init = "average"
         if sequential and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")
             sequential = False

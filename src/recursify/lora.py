@@ -54,8 +54,9 @@ class DepthwiseLoRA(nn.Module):
         backward; the merge costs d_out * r * d_in, after which the dense matmul runs at no extra
         cost and its weight gradient also gives A's and B's (one more d_out * r * d_in each). For
         SmolLM2's linears and a step of 1,024 tokens that is 2.4-7x fewer operations for the
-        adapter's part; a decode step of a few tokens keeps the adapter. The price is memory: a training step keeps each position's dense weight for its
-        backward, as much as the original model's layers.
+        adapter's part; a decode step of a few tokens keeps the adapter. The price is memory: a
+        training step keeps each position's dense weight for its backward, as much as the
+        original model's layers.
         """
         d_in, d_out = self.lora_A.shape[-1], self.lora_B.shape[1]
         tokens = x.numel() // d_in

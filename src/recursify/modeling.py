@@ -209,15 +209,13 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
     def _linear(self, slot: int, name: str, x: torch.Tensor, position: Position) -> torch.Tensor:
         weight = self.slots[slot].linears[name].weight
         lora = self.lora[name] if name in self.lora else None
-        if lora is not None and isinstance(position, int) and lora.merge_pays(x):
-            y, lora = F.linear(x, lora.merged(weight, position)), None
-        else:
-            y = F.linear(x, weight)
+        merge = lora is not None and isinstance(position, int) and lora.merge_pays(x)
+        y = F.linear(x, lora.merged(weight, position) if merge else weight)
         if name in self.bias:
             index = self._norm_index(slot, position)
             b = self.bias[name]
             y = y + (b[index] if isinstance(index, int) else b.index_select(0, index).unsqueeze(1))
-        if lora is not None:
+        if lora is not None and not merge:
             y = y + lora(x, position)
         if name in self.diag:
             y = y + self.diag[name](x, position)
