@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import torch
 from test_train import word_tokenizer, write_corpus
 from tiny_models import make
 
@@ -94,11 +95,31 @@ def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, 
 
 
 def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teacher_dir, tmp_path, monkeypatch):
+    import recursify.calibrate
+    import recursify.layout_search
+
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    real_stats, real_search = recursify.calibrate.cached_stats, recursify.layout_search.search
+
+    def stats_spy(source, seqs, *a, **kw):
+        seen["calibration"] = seqs
+        return real_stats(source, seqs, *a, **kw)
+
+    def search_spy(source, stats, probe, *a, **kw):
+        seen["probe"] = probe
+        return real_search(source, stats, probe, *a, **kw)
+
+    monkeypatch.setattr(recursify.calibrate, "cached_stats", stats_spy)
+    monkeypatch.setattr(recursify.layout_search, "search", search_spy)
     out = tmp_path / "auto"
     s = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, max_tokens=8 * 16 * 4,
                      time_budget=300.0),
                  log=lambda line: None)
+    # the layouts are scored on text the statistics never saw (else high ranks win by overfitting it)
+    stream = recursify.calibrate.calibration_sequences([str(teacher_dir / "data.jsonl")], word_tokenizer(),
+                                                       256 + 2048, 16)  # the training text in order
+    assert torch.equal(seen["calibration"], stream[:16]) and torch.equal(seen["probe"], stream[16:])
     found = s["layout_search"]
     assert [c["loops"] for c in found] == [2, 3, 6] and all(c["params"] <= 0.8 * s["params"]["teacher"] for c in found)
     best = min(found, key=lambda c: c["ppl"])

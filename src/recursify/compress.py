@@ -255,8 +255,14 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         # statistics cost about 4 forwards per token (nothing when cached), the sequential refit
         # about 12; a conversion `_convert_forwards`.
         calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
+        n_probe = max(1, SEARCH_TOKENS // cfg.seq_len)
         while True:
-            seqs = calibration_sequences(cfg.data, tok, calib_tokens, cfg.seq_len)
+            # The layouts are scored on text held out of the statistics: scored on the text they
+            # were fitted to, high ranks look best however little calibration text there is.
+            seqs = calibration_sequences(cfg.data, tok, calib_tokens + (SEARCH_TOKENS if searching else 0), cfg.seq_len)
+            beyond = len(seqs) - calib_tokens // cfg.seq_len  # rows past the calibration text
+            held = (min(n_probe, beyond) if beyond > 0 else len(seqs) // 2) if searching else 0  # short text: halves
+            seqs, probe = (seqs[:-held], seqs[-held:]) if held else (seqs, seqs[-n_probe:])
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
             convert_s = _convert_forwards(init) / fwd
             search_s = len(options) * _convert_forwards(search_init) / fwd if searching else 0
@@ -297,7 +303,6 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             if auto:
                 options = candidates(teacher, cfg.target_params, cfg.strategy, search_init, stats, allocate=True,
                                      damp=cfg.damp)
-            probe = seqs[-max(1, SEARCH_TOKENS // cfg.seq_len):]
             best = search(teacher, stats, probe, options, cfg.seq_len, damp=cfg.damp, log=log)
             recursion = best.recursion
             save_state(layout_search=[{"loops": c.loops, "rank": c.rank, "params": c.params, "ppl": c.ppl}
