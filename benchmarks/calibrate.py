@@ -3,6 +3,7 @@
     python benchmarks/calibrate.py --model smollm2-135m --data corpus/python-docs/train \
         --heldout corpus/python-docs/heldout --ranks 64,256 --inits average,stepwise
     python benchmarks/calibrate.py --ranks 64 --inits average,calibrated [--allocate]
+    python benchmarks/calibrate.py --loops 10 --ranks 204 --inits calibrated --calib-tokens 2048,8192,16384 --no-sequential
 
 Prints a table and writes benchmarks/results/calibrate.json.
 """
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--ranks", default="64,256")
     ap.add_argument("--inits", default="average,stepwise")
-    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--calib-tokens", default="16384", help="Calibration tokens; a comma list converts with each.")
+    ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="Skip the sequential refit rows.")
     ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -50,10 +52,32 @@ def main(argv=None) -> int:
     def ppl(model):
         return perplexity(model, stream, context_len=args.seq_len, stride=args.seq_len)["ppl"]
 
-    t0 = time.perf_counter()
-    stats = calibrate(teacher, tok, [args.data], num_tokens=args.calib_tokens, seq_len=args.seq_len)
-    calib_s = time.perf_counter() - t0
     rows = [{"model": "teacher", "ppl": ppl(teacher)}]
+    for n_tokens in map(int, args.calib_tokens.split(",")):
+        t0 = time.perf_counter()
+        stats = calibrate(teacher, tok, [args.data], num_tokens=n_tokens, seq_len=args.seq_len)
+        calib_s = time.perf_counter() - t0
+        print(f"statistics of {stats.num_tokens} tokens in {calib_s:.0f} s (0 s when cached)", flush=True)
+        rows += convert_all(args, teacher, tok, stats, ppl, {"calib_tokens": stats.num_tokens, "calibration_s": calib_s})
+
+    print(f"\nteacher held-out ppl {rows[0]['ppl']:.2f}\n")
+    g = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
+    print("| init | rank | calibration tokens | params | plain ppl | calibrated ppl | + sequential ppl | "
+          "plain / calibrated | plain / sequential | convert s (calibrated / sequential) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows[1:]:
+        rank = r["rank"] if r["ranks"] == "uniform" else f"allocated ({r['rank']}-equivalent)"
+        print(f"| {r['init']} | {rank} | {r['calib_tokens']} | {r['params'] / 1e6:.1f}M | {g(r['plain_ppl'])} | "
+              f"{g(r['calibrated_ppl'])} | {g(r.get('sequential_ppl'))} | {g(r['ratio'])} | "
+              f"{g(r['ratio_sequential'])} | {r['calibrated_convert_s']:.0f} / {g(r.get('sequential_convert_s'))} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+def convert_all(args, teacher, tok, stats, ppl, common: dict) -> list[dict]:
+    """Every init × rank converted with `stats`: plain, calibrated and (optionally) sequential."""
+    rows = []
     for init in args.inits.split(","):
         for rank in args.ranks.split(","):
             cfg = rf.RecursionConfig(num_loops=args.loops, init=init, lora_rank=rank)
@@ -62,10 +86,11 @@ def main(argv=None) -> int:
                 target = parameter_count(teacher, cfg) / sum(p.numel() for p in teacher.parameters())
                 cfg = dataclasses.replace(cfg, lora_rank=0, rank_pattern=allocate_ranks(teacher, cfg, stats, target))
                 ranks = cfg.rank_pattern
-            row = {"init": init, "rank": rank, "ranks": ranks, "plain_ppl": None, "ratio": None, "ratio_sequential": None}
+            row = {"init": init, "rank": rank, "ranks": ranks, "plain_ppl": None, "ratio": None, "ratio_sequential": None,
+                   **common}
             for name, kw in (("plain", {}), ("calibrated", {"calibration": stats}), ("sequential", {"calibration": stats})):
-                if name == "plain" and init == "calibrated":
-                    continue  # a calibrated init has no plain counterpart
+                if name == "plain" and init == "calibrated" or name == "sequential" and not args.sequential:
+                    continue  # a calibrated init has no plain counterpart; --no-sequential
                 t0 = time.perf_counter()
                 model = rf.convert(teacher, cfg, progress=False, **kw)
                 if name == "sequential":
@@ -76,25 +101,10 @@ def main(argv=None) -> int:
                 row["params"] = model.parameter_breakdown()["total"]
             if row["plain_ppl"] is not None:
                 row["ratio"] = row["plain_ppl"] / row["calibrated_ppl"]
-                row["ratio_sequential"] = row["plain_ppl"] / row["sequential_ppl"]
+                row["ratio_sequential"] = row["plain_ppl"] / row["sequential_ppl"] if args.sequential else None
             rows.append(row)
             print(json.dumps(row), flush=True)
-
-    print(f"\nteacher held-out ppl {rows[0]['ppl']:.2f}; statistics of {stats.num_tokens} tokens in {calib_s:.0f} s "
-          f"(0 s when cached)\n")
-    g = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
-    print("| init | rank | params | plain ppl | calibrated ppl | + sequential ppl | plain / calibrated | "
-          "plain / sequential | convert s (calibrated / sequential) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows[1:]:
-        rank = r["rank"] if r["ranks"] == "uniform" else f"allocated ({r['rank']}-equivalent)"
-        print(f"| {r['init']} | {rank} | {r['params'] / 1e6:.1f}M | {g(r['plain_ppl'])} | "
-              f"{g(r['calibrated_ppl'])} | {g(r['sequential_ppl'])} | {g(r['ratio'])} | {g(r['ratio_sequential'])} | "
-              f"{r['calibrated_convert_s']:.0f} / {r['sequential_convert_s']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "calibration_seconds": calib_s,
-                                          "calibration_tokens": stats.num_tokens, "rows": rows}, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,13 +132,52 @@ def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teach
     assert f"{best['loops']} loops, rank {best['rank']}: {best['ppl']:.4g}" in md
 
 
+def test_a_short_budget_gives_up_the_layout_search_before_calibration_text(teacher_dir, tmp_path, monkeypatch):
+    """The layout taken without a search ended within 1 % of the best after training, while fewer
+    calibration tokens cost the conversion far more (README): a short budget drops the search first."""
+    import recursify.calibrate
+    import recursify.compress as compress_module
+    from recursify.layout_search import candidates, without_search
+
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    real_stats, real_cost = recursify.calibrate.cached_stats, compress_module._convert_forwards
+
+    def stats_spy(source, seqs, *a, **kw):
+        seen["calibration"] = seqs
+        return real_stats(source, seqs, *a, **kw)
+
+    monkeypatch.setattr(recursify.calibrate, "cached_stats", stats_spy)
+    # scoring the layouts (average init) would take days; the chosen layout's own conversion does not
+    monkeypatch.setattr(compress_module, "_convert_forwards", lambda init: 10**12 if init == "average" else real_cost(init))
+    lines = []
+    s = compress(cfg(teacher_dir, tmp_path / "short", loops="auto", lora_rank=None, target_params=0.8,
+                     calib_tokens=4096, max_tokens=8 * 16 * 4, time_budget=300.0), log=lines.append)
+    assert seen["calibration"].numel() == 4096  # not cut to 2048 to make room for the search
+    assert not any("instead of 4096" in line for line in lines) and s["layout_search"] is None
+    teacher, _ = rf.load_pretrained(str(teacher_dir / "teacher"))
+    pick = without_search(teacher, candidates(teacher, 0.8, "cycle", "average"))
+    assert any(f"too short to compare 3 layouts; using {pick.loops} loops" in line for line in lines)
+    assert (s["recursion"]["num_loops"], s["recursion"]["init"]) == (pick.loops, "calibrated")
+
+
 def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teacher_dir, tmp_path, monkeypatch):
     """--baseline distils the largest plain layer subset that fits the student's size for the
     student's own training time; --paper-tasks scores every model on the same items."""
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    import recursify.train.trainer as trainer_module
+
+    runs = []  # (run folder, TrainConfig) of each distillation
+
+    def spy(tc):
+        runs.append((Path(tc.out).name, tc))
+        return train(tc)
+
+    train = trainer_module.train
+    monkeypatch.setattr(trainer_module, "train", spy)
     out = tmp_path / "with-baseline"
     s = compress(cfg(teacher_dir, out, time_budget=60.0, max_tokens=8 * 16 * 10, baseline=True, paper_tasks=2,
-                     exit_schedule="aggressive", hidden_weight=0.5, trainable="body"),
+                     exit_schedule="aggressive", hidden_weight=0.5, trainable="body", baseline_lr=2e-3),
                  log=lambda line: None)  # exit losses and hidden-state targets for the student only: the baseline has no loops
     teacher, _ = rf.load_pretrained(str(teacher_dir / "teacher"))
     per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
@@ -150,6 +190,9 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     assert all(len(r["tasks"]) == 7 for r in s["paper"].values())
     md = (out / "summary.md").read_text()
     assert f"| plain {base['layers']}-layer model, same training time" in md and f"{base['ppl']:.2f}" in md
+    # each model at its own peak rate, both warmed up over at least 5 steps
+    assert [(name, tc.lr) for name, tc in runs] == [("kd", 1e-2), ("baseline", 2e-3)] and base["lr"] == 2e-3
+    assert all(tc.warmup_steps >= 5 for _, tc in runs) and f"tokens, lr 0.002) |" in md
     gap = 100 * (s["paper"]["teacher"]["average"] - s["paper"]["student"]["average"])
     assert f"average is {gap:.1f} points below the teacher's" in md
     assert ("Distillation: KD on the logits + hidden-state distillation at weight 0.5 + aggressive early-exit losses, "

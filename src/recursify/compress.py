@@ -50,7 +50,7 @@ class CompressConfig:
     sequential: bool = True  # refit the LoRA position by position on the student's own inputs
     seq_len: int = 256
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 1e-4  # below the trainer's 3e-4: a calibrated start is close enough that 3e-4 undoes part of it
     max_tokens: int | None = None  # training tokens at most (default: what the budget can use)
     local_fraction: float = 0.0  # share of the training time spent on local distillation before KD
     local_tokens: int = 65_536  # training tokens the local stage cycles over
@@ -59,6 +59,7 @@ class CompressConfig:
     trainable: str = "all"  # what KD trains (recursify train --trainable); the baseline trains the same set
     eval_tokens: int = 4096
     baseline: bool = False  # also distil the parameter-matched plain model for the same training time
+    baseline_lr: float = 1e-3  # its own peak LR: the plain model's best in the README's sweep
     paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
     overwrite: bool = False
 
@@ -78,6 +79,8 @@ class CompressConfig:
         for name in ("calib_tokens", "seq_len", "batch_size", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.baseline_lr > 0):
+            raise CompressError(f"--lr and --baseline-lr must be positive, got {self.lr} and {self.baseline_lr}")
         if not 0 <= self.local_fraction < 1:
             raise CompressError(f"--local-fraction must be in [0, 1), got {self.local_fraction}")
         if self.loops != "auto" and not isinstance(self.loops, int):
@@ -126,7 +129,7 @@ SEARCH_TOKENS = 2048  # training tokens each --loops auto candidate is scored on
 DEFAULT_TARGET = 0.75  # the student's size with --loops auto and no --target-params
 
 # What only decides what is measured at the end: a resumed run may add or drop it.
-EVALUATION_ONLY = ("overwrite", "baseline", "paper_tasks")
+EVALUATION_ONLY = ("overwrite", "baseline", "baseline_lr", "paper_tasks")
 
 
 def _identity(config: dict) -> dict:
@@ -249,11 +252,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
     sequential = cfg.sequential and state.get("sequential", True)
     if not (converted / "config.json").exists():
-        # Fit the preparation to the budget: fewer calibration tokens (down to 2048), then no
-        # layout search (one plain conversion's time a layout), then average init instead of the
-        # joint fit, then no sequential refit, before giving up. Measured on SmolLM2 / 2 cores:
-        # statistics cost about 4 forwards per token (nothing when cached), the sequential refit
-        # about 12; a conversion `_convert_forwards`.
+        # Fit the preparation to the budget: no layout search (one plain conversion's time a
+        # layout; the layout taken without it ended within 1 % of the best after training), then fewer calibration
+        # tokens (down to 2048; fewer cost the conversion far more, see the README), then average
+        # init instead of the joint fit, then no sequential refit, before giving up. Measured on
+        # SmolLM2 / 2 cores: statistics cost about 4 forwards per token (nothing when cached), the
+        # sequential refit about 12; a conversion `_convert_forwards`.
         calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
         n_probe = max(1, SEARCH_TOKENS // cfg.seq_len)
         while True:
@@ -268,18 +272,19 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             search_s = len(options) * _convert_forwards(search_init) / fwd if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
-            if clock.left >= prep + refit + reserve + 10 * step_s or calib_tokens <= 2048:
+            if clock.left >= prep + refit + reserve + 10 * step_s or (not searching and calib_tokens <= 2048):
                 break
-            calib_tokens = max(2048, calib_tokens // 2)
+            if searching:
+                from .layout_search import without_search
+
+                pick = without_search(teacher, options)
+                log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
+                    f"rank {pick.rank} (raise --time-budget to let it choose)")
+                searching, recursion = False, pick.recursion
+            else:
+                calib_tokens = max(2048, calib_tokens // 2)
         if calib_tokens < cfg.calib_tokens:
             log(f"      calibrating on {calib_tokens} tokens instead of {cfg.calib_tokens} to fit the budget")
-        if searching and clock.left < prep + refit + reserve + 10 * step_s:
-            from .layout_search import without_search
-
-            pick = without_search(teacher, options)
-            log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
-                f"rank {pick.rank} (raise --time-budget to let it choose)")
-            searching, prep, recursion = False, prep - search_s, pick.recursion
         if init == "calibrated" and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the calibrated shared-weight fit; using average init "
                 "(raise --time-budget to keep it)")
@@ -337,15 +342,16 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         save_state(before=before, student_params=student.parameter_breakdown()["total"])
         log(f"      held-out perplexity: teacher {state['teacher_ppl']:.2f}, converted (no training) {before:.4g}")
 
-    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int, exit_schedule: str = "none",
+    def distil(student: Path, run_dir: Path, seconds: float, max_tokens: int, lr: float, exit_schedule: str = "none",
                hidden_weight: float = 0.0) -> dict:
-        """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run."""
+        """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run. At least 5
+        warm-up steps: Adam's first steps move every weight by about the full rate."""
         steps_guess = max(1, int(seconds / step_s))
         try:
             result = train(TrainConfig(
                 student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                lr=cfg.lr, warmup_steps=min(20, max(1, steps_guess // 10)), eval_every=-1,
+                lr=lr, warmup_steps=min(20, max(5, steps_guess // 10)), eval_every=-1,
                 exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=cfg.trainable,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
                 max_time=seconds, resume=run_dir.exists()))
@@ -387,12 +393,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(max_tokens=cfg.max_tokens or max(cfg.batch_size * cfg.seq_len,
                                                           int(2 * train_time / step_s) * cfg.batch_size * cfg.seq_len))
         stage(4, f"distilling from the teacher (KD) for up to {_fmt_s(train_time)}")
-        result = distil(start_from, kd_dir, train_time, state["max_tokens"], cfg.exit_schedule, cfg.hidden_weight)
+        result = distil(start_from, kd_dir, train_time, state["max_tokens"], cfg.lr, cfg.exit_schedule, cfg.hidden_weight)
         steps = [json.loads(x) for x in (kd_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
         save_state(train_tokens=result["tokens"], train_steps=result["step"], train_tok_s=result.get("tokens_per_s"),
                    train_seconds=sum(r["step_s"] for r in steps))  # all attempts' steps, resumes included
 
-    # 4b. the parameter-matched plain model, the same recipe for the same training time -------------
+    # 4b. the parameter-matched plain model, the same recipe (at its own lr) for the same time ------
     base_dir = work / "baseline"
     if cfg.baseline and not (base_dir / "final_metrics.json").exists():
         from .baselines import matched
@@ -404,8 +410,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 tok.save_pretrained(tmp)
         seconds = state["train_seconds"]
         stage(4, f"distilling the parameter-matched plain model for the same {_fmt_s(seconds)} (--baseline)")
-        result = distil(init_dir, base_dir, seconds, state["max_tokens"])
-        save_state(baseline_tokens=result["tokens"])
+        result = distil(init_dir, base_dir, seconds, state["max_tokens"], cfg.baseline_lr)
+        save_state(baseline_tokens=result["tokens"], baseline_lr=cfg.baseline_lr)
 
     # 5. evaluate, write ----------------------------------------------------------------------------
     stage(5, "evaluating and writing the checkpoint")
@@ -434,7 +440,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         b = models["baseline"]
         summary["baseline"] = {"layers": b.config.num_hidden_layers, "params": sum(p.numel() for p in b.parameters()),
                                "ppl": m["ppl"]["baseline"], "top1_agreement": m["agreement"]["baseline"]["top1_agreement"],
-                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens")}
+                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens"),
+                               "lr": state.get("baseline_lr")}
     with atomic_dir(out) as tmp:
         for f in kd_dir.iterdir():
             if f.is_file() and f.name not in ("train_config.json",):

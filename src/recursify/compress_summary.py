@@ -70,7 +70,7 @@ def _recipe(cfg: dict) -> str:
     if cfg.get("exit_schedule", "none") != "none":
         parts.append(f"{cfg['exit_schedule']} early-exit losses")
     trains = "everything but the embedding and head" if cfg.get("trainable") == "body" else "every weight"
-    return f"Distillation: {' + '.join(parts)}, lr {cfg.get('lr', 3e-4):g}, training {trains}."
+    return f"Distillation: {' + '.join(parts)}, lr {cfg['lr']:g}, training {trains}."
 
 
 def render_summary(s: dict) -> str:
@@ -107,7 +107,8 @@ def render_summary(s: dict) -> str:
     lines.append(f"| compressed | {p['student'] / 1e6:.1f}M ({p['fraction']:.0%}) | {ppl['student']:.2f} | "
                  f"{s['top1_agreement']:.3f} |")
     if base:
-        lines.append(f"| plain {base['layers']}-layer model, same training time ({base['train_tokens']} tokens) | "
+        lr = f", lr {base['lr']:g}" if base.get("lr") else ""
+        lines.append(f"| plain {base['layers']}-layer model, same training time ({base['train_tokens']} tokens{lr}) | "
                      f"{base['params'] / 1e6:.1f}M ({base['params'] / p['teacher']:.0%}) | {base['ppl']:.2f} | "
                      f"{base['top1_agreement']:.3f} |")
     lines += [

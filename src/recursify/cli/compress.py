@@ -25,7 +25,7 @@ def compress(
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate of the distillation."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate of the distillation, reached after at least 5 warm-up steps (lower than recursify train's: a calibrated start is already close; see the README's learning-rate sweep)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Distillation tokens at most (default: what the budget allows)."),
     local_fraction: float = typer.Option(0.0, "--local-fraction", help="Share of the training time for local distillation first (each position learns its teacher layer's output; no head, no teacher logits), the rest global KD. 0: KD only."),
     exit_schedule: str = typer.Option("none", "--exit-schedule", help="Early-exit losses at every loop end during distillation, for serving with early exit: none, weighted, aggressive (0.1 on intermediate exits, 1 on the last) or self_kd."),
@@ -33,6 +33,7 @@ def compress(
     trainable: str = typer.Option("all", "--trainable", help="What distillation trains: all, or body (everything but the token embedding and LM head, which stay the teacher's; each step skips their gradient). The baseline trains the same set."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for perplexity and agreement."),
     baseline: bool = typer.Option(False, "--baseline", help="Also distil the parameter-matched plain model (the largest evenly spaced subset of the teacher's layers with no more parameters) for the same training time, and report it beside the compressed one. Adds that training time after the budget."),
+    baseline_lr: float = typer.Option(1e-3, "--baseline-lr", help="Peak learning rate of the --baseline model's distillation (its best in the README's sweep; the compressed model's is --lr)."),
     paper_tasks: int = typer.Option(0, "--paper-tasks", help="Evaluate teacher, compressed (and baseline) on the first N items of each of the paper's seven benchmarks (needs recursify[eval]; adds its time after the budget). 0: skip."),
     overwrite: bool = typer.Option(False, help="Replace --out and discard an interrupted run."),
 ):
@@ -61,7 +62,7 @@ def compress(
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
                              hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
-                             baseline=baseline, paper_tasks=paper_tasks, overwrite=overwrite)
+                             baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     except CompressError as e:
         raise CLIError(str(e)) from e
