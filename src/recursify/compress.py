@@ -18,14 +18,10 @@ from typing import Callable
 
 import torch
 
+from .budget import Clock
+from .budget import convert_forwards as _convert_forwards
 from .compress_summary import fmt_seconds as _fmt_s
 from .compress_summary import measure, render_summary
-
-
-def _convert_forwards(init: str) -> int:
-    """A conversion's time in teacher forwards (measured on SmolLM2 / 2 cores): about 10k whatever
-    the tokens, four times that with the joint calibrated shared-weight fit."""
-    return 40_000 if init == "calibrated" else 10_000
 
 
 class CompressError(ValueError):
@@ -107,22 +103,6 @@ def parse_duration(text: str) -> float:
         return float(text)
     except ValueError:
         raise CompressError(f"cannot read the duration {text!r}; use e.g. 90s, 45m, 1.5h") from None
-
-
-class Clock:
-    """Budget bookkeeping that survives a resume: seconds spent by earlier attempts are kept in
-    the work folder's state file."""
-
-    def __init__(self, budget: float, spent_before: float = 0.0):
-        self.budget, self.before, self.t0 = budget, spent_before, time.monotonic()
-
-    @property
-    def spent(self) -> float:
-        return self.before + time.monotonic() - self.t0
-
-    @property
-    def left(self) -> float:
-        return self.budget - self.spent
 
 
 SEARCH_TOKENS = 2048  # training tokens each --loops auto candidate is scored on
