@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--ranks", default="64,256")
     ap.add_argument("--inits", default="average,stepwise")
-    ap.add_argument("--calib-tokens", default="16384", help="Calibration tokens; a comma list converts with each.")
+    ap.add_argument("--calib-tokens", type=token_counts, default=[16384],
+                    help="Calibration tokens; a comma list converts with each.")
     ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="Skip the sequential refit rows.")
     ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         return perplexity(model, stream, context_len=args.seq_len, stride=args.seq_len)["ppl"]
 
     rows = [{"model": "teacher", "ppl": ppl(teacher)}]
-    for n_tokens in map(int, args.calib_tokens.split(",")):
+    for n_tokens in args.calib_tokens:
         t0 = time.perf_counter()
         stats = calibrate(teacher, tok, [args.data], num_tokens=n_tokens, seq_len=args.seq_len)
         calib_s = time.perf_counter() - t0
@@ -73,6 +74,17 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
+
+
+def token_counts(text: str) -> list[int]:
+    """'2048,8192' -> [2048, 8192], checked before the model loads."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
+    return counts
 
 
 def convert_all(args, teacher, tok, stats, ppl, common: dict) -> list[dict]:
