@@ -4,6 +4,7 @@
         --heldout corpus/python-docs/heldout --ranks 64,256 --inits average,stepwise
     python benchmarks/calibrate.py --ranks 64 --inits average,calibrated [--allocate]
     python benchmarks/calibrate.py --loops 10 --ranks 204 --inits calibrated --calib-tokens 2048,8192,16384 --no-sequential
+    python benchmarks/calibrate.py --loops 10 --ranks 204 --inits calibrated --calib-tokens 8192 --curvature
 
 Prints a table and writes benchmarks/results/calibrate.json.
 """
@@ -21,6 +22,7 @@ import torch
 import recursify as rf
 from recursify.allocate import allocate_ranks, parameter_count
 from recursify.calibrate import calibrate, calibration_sequences
+from recursify.curvature import with_curvature
 from recursify.sequential import sequential_calibrate
 from recursify.eval.metrics import perplexity
 from recursify.data import DataConfig, build_datasets
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=token_counts, default=[16384],
                     help="Calibration tokens; a comma list converts with each.")
     ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="Skip the sequential refit rows.")
-    ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration.")
+    ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration (and the curvature).")
+    ap.add_argument("--curvature", action="store_true",
+                    help="Add rows fitted on both sides: the teacher's output curvature (recursify.curvature) on --seq-tokens.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--allocate", action="store_true",
@@ -59,18 +63,28 @@ def main(argv=None) -> int:
         stats = calibrate(teacher, tok, [args.data], num_tokens=n_tokens, seq_len=args.seq_len)
         calib_s = time.perf_counter() - t0
         print(f"statistics of {stats.num_tokens} tokens in {calib_s:.0f} s (0 s when cached)", flush=True)
-        rows += convert_all(args, teacher, tok, stats, ppl, {"calib_tokens": stats.num_tokens, "calibration_s": calib_s})
+        common = {"calib_tokens": stats.num_tokens, "calibration_s": calib_s}
+        if args.curvature:
+            t0 = time.perf_counter()
+            seqs = calibration_sequences([args.data], tok, args.seq_tokens, args.seq_len)
+            stats = with_curvature(stats, teacher, seqs, cache=False)  # timed: never from the cache
+            common["curvature_s"] = time.perf_counter() - t0
+            print(f"output curvature of {seqs.numel()} tokens in {common['curvature_s']:.0f} s", flush=True)
+        rows += convert_all(args, teacher, tok, stats, ppl, common)
 
     print(f"\nteacher held-out ppl {rows[0]['ppl']:.2f}\n")
     g = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
     print("| init | rank | calibration tokens | params | plain ppl | calibrated ppl | + sequential ppl | "
-          "plain / calibrated | plain / sequential | convert s (calibrated / sequential) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "plain / calibrated | plain / sequential | convert s (calibrated / sequential) |"
+          + (" both sides | both sides + sequential | convert s (both / + sequential) |" if args.curvature else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.curvature else ""))
     for r in rows[1:]:
         rank = r["rank"] if r["ranks"] == "uniform" else f"allocated ({r['rank']}-equivalent)"
+        both = (f" {g(r.get('curvature_ppl'))} | {g(r.get('sequential_curvature_ppl'))} | "
+                f"{r['curvature_convert_s']:.0f} / {g(r.get('sequential_curvature_convert_s'))} |") if args.curvature else ""
         print(f"| {r['init']} | {rank} | {r['calib_tokens']} | {r['params'] / 1e6:.1f}M | {g(r['plain_ppl'])} | "
               f"{g(r['calibrated_ppl'])} | {g(r.get('sequential_ppl'))} | {g(r['ratio'])} | "
-              f"{g(r['ratio_sequential'])} | {r['calibrated_convert_s']:.0f} / {g(r.get('sequential_convert_s'))} |")
+              f"{g(r['ratio_sequential'])} | {r['calibrated_convert_s']:.0f} / {g(r.get('sequential_convert_s'))} |" + both)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
@@ -100,14 +114,19 @@ def convert_all(args, teacher, tok, stats, ppl, common: dict) -> list[dict]:
                 ranks = cfg.rank_pattern
             row = {"init": init, "rank": rank, "ranks": ranks, "plain_ppl": None, "ratio": None, "ratio_sequential": None,
                    **common}
-            for name, kw in (("plain", {}), ("calibrated", {"calibration": stats}), ("sequential", {"calibration": stats})):
-                if name == "plain" and init == "calibrated" or name == "sequential" and not args.sequential:
+            inputs_only = dataclasses.replace(stats, curvature=None, curvature_tokens=0)
+            variants = [("plain", {}), ("calibrated", {"calibration": inputs_only}),
+                        ("sequential", {"calibration": inputs_only})]
+            if stats.curvature is not None:
+                variants += [("curvature", {"calibration": stats}), ("sequential_curvature", {"calibration": stats})]
+            for name, kw in variants:
+                if name == "plain" and init == "calibrated" or name.startswith("sequential") and not args.sequential:
                     continue  # a calibrated init has no plain counterpart; --no-sequential
                 t0 = time.perf_counter()
                 model = rf.convert(teacher, cfg, progress=False, **kw)
-                if name == "sequential":
+                if name.startswith("sequential"):
                     seqs = calibration_sequences([args.data], tok, args.seq_tokens, args.seq_len)
-                    sequential_calibrate(model, teacher, seqs)
+                    sequential_calibrate(model, teacher, seqs, curvature=kw["calibration"].curvature)
                 row[f"{name}_convert_s"] = time.perf_counter() - t0
                 row[f"{name}_ppl"] = ppl(model)
                 row["params"] = model.parameter_breakdown()["total"]

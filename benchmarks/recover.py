@@ -9,6 +9,7 @@ measured and reported beside it, and shared by the recipes that start from the s
 Writes benchmarks/results/recover.json and recover.png.
 
 Recipes: plain-kd (plain SVD conversion, KD), calibrated-kd (calibrated + sequential, KD),
+curvature-kd (the same fitted on both sides: the teacher's output curvature on --seq-tokens too),
 calibrated-local-kd (the same, then --local-fraction of the training time on local distillation
 before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear),
 baseline-kd (the parameter-matched plain model: the largest stepwise layer subset of the teacher
@@ -33,13 +34,14 @@ import torch
 
 import recursify as rf
 from recursify.calibrate import calibration_sequences, collect_stats
+from recursify.curvature import with_curvature
 from recursify.eval.metrics import perplexity
 from recursify.sequential import sequential_calibrate
 from recursify.data import DataConfig, build_datasets
 from recursify.train.local import local_distill
 from recursify.train import TrainConfig, train
 
-RECIPES = ("plain-kd", "calibrated-kd", "calibrated-local-kd", "allocated-kd", "baseline-kd")
+RECIPES = ("plain-kd", "calibrated-kd", "curvature-kd", "calibrated-local-kd", "allocated-kd", "baseline-kd")
 
 
 def main(argv=None) -> int:
@@ -147,8 +149,11 @@ def main(argv=None) -> int:
                 recursion = dataclasses.replace(recursion, lora_rank=0,
                                                 rank_pattern=allocate_ranks(teacher, recursion, stats, target))
                 print(f"allocated ranks for {target:.3f} of the teacher: {recursion.rank_pattern}", flush=True)
-            model = rf.convert(teacher, recursion, progress=False, calibration=stats)
-            sequential_calibrate(model, teacher, seqs[: args.seq_tokens // args.seq_len])
+            fitted = stats
+            if kind == "curvature":  # computed afresh, never from the cache: its cost is part of the recipe
+                fitted = with_curvature(stats, teacher, seqs[: args.seq_tokens // args.seq_len], cache=False)
+            model = rf.convert(teacher, recursion, progress=False, calibration=fitted)
+            sequential_calibrate(model, teacher, seqs[: args.seq_tokens // args.seq_len], curvature=fitted.curvature)
         seconds = time.perf_counter() - t + (0 if kind in ("plain", "baseline") else calib_s)
         folder = work / kind
         model.save_pretrained(folder)
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
 
     rows = []
     for recipe, lr, trainable, hidden, batch in runs:
-        kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline"}.get(recipe, "calibrated")
+        kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline",
+                "curvature-kd": "curvature"}.get(recipe, "calibrated")
         folder, prep_s = prepare(kind)
         clock = 0.0
         student, _ = rf.load_pretrained(str(folder))

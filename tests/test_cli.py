@@ -80,6 +80,13 @@ def test_convert_calibrate_records_it_and_refuses_too_little_text(tiny, tmp_path
     assert res.returncode == 0, res.stderr
     recursion = json.loads((out / "config.json").read_text())["recursion"]
     assert recursion["calibration"] == {"tokens": 512, "damp": 0.01}
+    res = run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(text), "--calib-tokens", "512",
+              "--curvature", "--sequential", "--out", str(tmp_path / "both"), env=env)
+    assert res.returncode == 0, res.stderr
+    recursion = json.loads((tmp_path / "both" / "config.json").read_text())["recursion"]
+    assert recursion["calibration"]["curvature_tokens"] == 512 and recursion["calibration"]["sequential"]
+    assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--curvature", "--out", str(tmp_path / "o3"),
+                           env=env), "--curvature needs --calibrate")
     (tmp_path / "tiny.txt").write_text("too short")
     assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(tmp_path / "tiny.txt"),
                            "--out", str(tmp_path / "o2"), env=env), "calibration data")

@@ -239,3 +239,22 @@ def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monk
     assert any("resuming" in line for line in lines)
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert steps[:3] == [1, 2, 3] and steps == sorted(set(steps)) and summary["train_steps"] == steps[-1] > 3
+
+
+def test_curvature_is_recorded_and_a_short_budget_drops_it_before_calibration_text(teacher_dir, tmp_path, monkeypatch):
+    import recursify.compress as compress_module
+
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    lines = []
+    s = compress(cfg(teacher_dir, tmp_path / "both", curvature=True, max_tokens=8 * 16 * 2), log=lines.append)
+    assert s["recursion"]["calibration"]["curvature_tokens"] == 256
+    assert "with the output curvature" in (tmp_path / "both" / "summary.md").read_text()
+    assert list((tmp_path / "cache" / "calibration").glob("*.curvature.safetensors"))
+
+    # a curvature that would take days: dropped, while the calibration text stays whole
+    monkeypatch.setattr(compress_module, "_curvature_forwards", lambda tokens, sequential: 10**12)
+    lines = []
+    s = compress(cfg(teacher_dir, tmp_path / "inputs", curvature=True, calib_tokens=1024, max_tokens=8 * 16 * 2),
+                 log=lines.append)
+    assert any("too short for the output curvature" in line for line in lines)
+    assert "curvature_tokens" not in s["recursion"]["calibration"] and s["recursion"]["calibration"]["tokens"] == 1024

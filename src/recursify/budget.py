@@ -13,6 +13,13 @@ def convert_forwards(init: str) -> int:
     return 40_000 if init == "calibrated" else 10_000
 
 
+def curvature_forwards(tokens: int, sequential: bool) -> int:
+    """The output curvature's time in teacher forwards (measured the same way): about 4 a token for
+    the backward passes, then one G^{1/2} per linear and position in the conversion and again in
+    the sequential refit."""
+    return 4 * tokens + 20_000 + (20_000 if sequential else 0)
+
+
 class Clock:
     """Budget bookkeeping that survives a resume: seconds spent by earlier attempts are kept in
     the work folder's state file."""

@@ -42,16 +42,23 @@ class CalibrationStats:
     num_tokens: int
     input_of: dict[str, str]
     cov: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor] | None = None  # {linear: [L, out, out]}, see recursify.curvature
+    curvature_tokens: int = 0
 
     def of(self, linear: str) -> torch.Tensor:
         return self.cov[self.input_of[linear]]
+
+    def out_of(self, linear: str) -> torch.Tensor | None:
+        return None if self.curvature is None else self.curvature[linear]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        meta = {"num_tokens": str(self.num_tokens), "input_of": json.dumps(self.input_of)}
-        save_file({k: v.contiguous() for k, v in self.cov.items()}, str(tmp), metadata=meta)
+        meta = {"num_tokens": str(self.num_tokens), "input_of": json.dumps(self.input_of),
+                "curvature_tokens": str(self.curvature_tokens if self.curvature else 0)}
+        tensors = {**self.cov, **{f"curvature.{k}": v for k, v in (self.curvature or {}).items()}}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod
@@ -60,7 +67,11 @@ class CalibrationStats:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-        return cls(int(meta["num_tokens"]), json.loads(meta["input_of"]), load_file(str(path)))
+        tensors = load_file(str(path))
+        curvature = {k.removeprefix("curvature."): v for k, v in tensors.items() if k.startswith("curvature.")}
+        cov = {k: v for k, v in tensors.items() if not k.startswith("curvature.")}
+        return cls(int(meta["num_tokens"]), json.loads(meta["input_of"]), cov, curvature or None,
+                   int(meta.get("curvature_tokens", 0)))
 
 
 class _StopForward(Exception):
@@ -190,9 +201,10 @@ def cached_stats(source, sequences: torch.Tensor, cache_dir: str | Path | None, 
 
 @torch.no_grad()
 def activation_aware_factors(
-    delta: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 0.01
+    delta: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 0.01, out_cov: torch.Tensor | None = None,
+    out_damp: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors (B [n, out, r], A [n, r, in]) minimising ||(Delta - B A) C^{1/2}||_F per matrix.
+    """Rank-r factors (B [n, out, r], A [n, r, in]) minimising ||G^{1/2} (Delta - B A) C^{1/2}||_F per matrix.
 
     The optimum is B A = U_r U_r^T Delta with U_r the top-r left singular vectors of Delta C^{1/2}:
     from the eigenvectors of Delta C Delta^T when out <= in, else from the smaller in x in Gram
@@ -200,9 +212,19 @@ def activation_aware_factors(
     directions the calibration text never excited fall back to the plain weight fit. Factors
     follow `truncated_svd`'s convention (rows of A of unit norm), so with C = I they are the plain
     SVD factors; at full rank B A = Delta exactly whatever C is.
+
+    `out_cov` G [n, out, out] (default the identity; `recursify.curvature`) also weighs the output
+    directions: the same projection of G^{1/2} Delta, mapped back, B A = G^{-1/2} U_r U_r^T G^{1/2} Delta,
+    with G damped by `out_damp` * mean(diag G).
     """
     n, out_f, in_f = delta.shape
     D = delta.double()
+    root_inv = None
+    if out_cov is not None:
+        w, Q = torch.linalg.eigh(_damped(out_cov.to(D), out_damp))
+        w = w.clamp(min=w.amax(-1, keepdim=True) * 1e-12)
+        D = (Q * w.sqrt().unsqueeze(-2)) @ Q.transpose(1, 2) @ D  # G^{1/2} Delta
+        root_inv = (Q * w.rsqrt().unsqueeze(-2)) @ Q.transpose(1, 2)
     C = cov.to(D)
     if damp:
         mean_diag = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
@@ -222,6 +244,8 @@ def activation_aware_factors(
     norms = A.norm(dim=-1)  # [n, r]
     scale = torch.where(norms > 0, norms, torch.ones_like(norms))
     B = U * norms.unsqueeze(-2)
+    if root_inv is not None:
+        B = root_inv @ B
     A = A / scale.unsqueeze(-1)
     return B.to(delta.dtype).contiguous(), A.to(delta.dtype).contiguous()
 

@@ -20,8 +20,9 @@ import torch
 
 from .budget import Clock
 from .budget import convert_forwards as _convert_forwards
+from .budget import curvature_forwards as _curvature_forwards
 from .compress_summary import fmt_seconds as _fmt_s
-from .compress_summary import measure, render_summary
+from .compress_summary import build_summary, measure, render_summary
 
 
 class CompressError(ValueError):
@@ -44,6 +45,7 @@ class CompressConfig:
     calib_tokens: int = 16_384
     damp: float = 0.01
     sequential: bool = True  # refit the LoRA position by position on the student's own inputs
+    curvature: bool = False  # also weigh the LoRA fits' output directions by the teacher's output curvature
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 1e-4  # below the trainer's 3e-4: a calibrated start is close enough that 3e-4 undoes part of it
@@ -231,10 +233,11 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
     step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
     sequential = cfg.sequential and state.get("sequential", True)
+    curvature = cfg.curvature and state.get("curvature", True)
     if not (converted / "config.json").exists():
         # Fit the preparation to the budget: no layout search (one plain conversion's time a
-        # layout; the layout taken without it ended within 1 % of the best after training), then fewer calibration
-        # tokens (down to 2048; fewer cost the conversion far more, see the README), then average
+        # layout; the layout taken without it ended within 1 % of the best after training), then no output
+        # curvature (`_curvature_forwards`), then fewer calibration tokens (down to 2048; fewer cost the conversion far more, see the README), then average
         # init instead of the joint fit, then no sequential refit, before giving up. Measured on
         # SmolLM2 / 2 cores: statistics cost about 4 forwards per token (nothing when cached), the
         # sequential refit about 12; a conversion `_convert_forwards`.
@@ -252,9 +255,14 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             search_s = len(options) * _convert_forwards(search_init) / fwd if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
-            if clock.left >= prep + refit + reserve + 10 * step_s or (not searching and calib_tokens <= 2048):
+            refit += _curvature_forwards(min(8192, seqs.numel()), sequential) / fwd if curvature else 0
+            if clock.left >= prep + refit + reserve + 10 * step_s or not (searching or curvature or calib_tokens > 2048):
                 break
-            if searching:
+            if curvature and not searching:  # the most expensive part per unit of gain
+                log("      the budget is too short for the output curvature; fitting input-side only "
+                    "(raise --time-budget to keep it)")
+                curvature = False
+            elif searching:
                 from .layout_search import without_search
 
                 pick = without_search(teacher, options)
@@ -276,10 +284,11 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if clock.left < prep + reserve + step_s:
             raise CompressError(f"the time budget ({_fmt_s(cfg.time_budget)}) cannot fit calibration (about "
                                 f"{_fmt_s(prep)} here) and one training step; raise --time-budget")
-        save_state(sequential=sequential)
+        save_state(sequential=sequential, curvature=curvature)
         stage(2, f"calibrating on {seqs.numel()} tokens")
         t0 = time.monotonic()
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
+        fit_seqs = seqs[: max(1, 8192 // cfg.seq_len)]  # the sequential refit's and the curvature's tokens
         if searching:
             from .layout_search import candidates, search
 
@@ -303,14 +312,19 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             recursion = dataclasses.replace(recursion, rank_pattern=ranks)
             log(f"      ranks for {cfg.target_params:.0%} of the teacher's parameters: {recursion.rank_text}")
         recursion = dataclasses.replace(recursion, init=init)
+        if curvature:
+            from .curvature import with_curvature
+
+            log(f"      output curvature of the teacher on {fit_seqs.numel()} tokens")
+            stats = with_curvature(stats, teacher, fit_seqs)
         stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {init}, rank {recursion.rank_text}, "
-              "calibrated"
+              "calibrated" + (" on both sides" if curvature else "")
               + (", then sequential refit" if sequential else ""))
         student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
         if sequential:
             from .sequential import sequential_calibrate
 
-            sequential_calibrate(student, teacher, seqs[: max(1, 8192 // cfg.seq_len)], damp=cfg.damp)
+            sequential_calibrate(student, teacher, fit_seqs, damp=cfg.damp, curvature=stats.curvature)
         with atomic_dir(converted) as tmp:
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -399,29 +413,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     if cfg.baseline:
         models["baseline"] = load_pretrained(str(base_dir), device=device)[0]
     m = measure(models, tok, stream, cfg.seq_len, cfg.paper_tasks, log)
-    student = models["student"]
-    params_teacher = sum(p.numel() for p in teacher.parameters())
-    params_student = student.parameter_breakdown()["total"]
-    summary = {
-        "model": cfg.model, "config": asdict(cfg), "recursion": student.recursion.to_dict(),
-        "params": {"teacher": params_teacher, "student": params_student,
-                   "fraction": params_student / params_teacher},
-        "heldout_tokens": len(stream),
-        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "after_local": state.get("after_local"),
-                "student": m["ppl"]["student"]},
-        "local_tokens": state.get("local_tokens"),
-        "top1_agreement": m["agreement"]["student"]["top1_agreement"], "kl": m["agreement"]["student"]["kl"],
-        "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
-        "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
-        "seconds": clock.spent, "generations": m["generations"], "paper": m["paper"] or None,
-        "layout_search": state.get("layout_search"),
-    }
-    if cfg.baseline:
-        b = models["baseline"]
-        summary["baseline"] = {"layers": b.config.num_hidden_layers, "params": sum(p.numel() for p in b.parameters()),
-                               "ppl": m["ppl"]["baseline"], "top1_agreement": m["agreement"]["baseline"]["top1_agreement"],
-                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens"),
-                               "lr": state.get("baseline_lr")}
+    summary = build_summary(asdict(cfg), state, m, models, len(stream), clock.spent)
     with atomic_dir(out) as tmp:
         for f in kd_dir.iterdir():
             if f.is_file() and f.name not in ("train_config.json",):

@@ -57,6 +57,35 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
     return res
 
 
+def build_summary(cfg: dict, state: dict, m: dict, models: dict, heldout_tokens: int, seconds: float) -> dict:
+    """summary.json: the run's settings and sizes, the compress state's record of each stage, and
+    what `measure` found for each model."""
+    teacher, student = models["teacher"], models["student"]
+    params_teacher = sum(p.numel() for p in teacher.parameters())
+    params_student = student.parameter_breakdown()["total"]
+    summary = {
+        "model": cfg["model"], "config": cfg, "recursion": student.recursion.to_dict(),
+        "params": {"teacher": params_teacher, "student": params_student,
+                   "fraction": params_student / params_teacher},
+        "heldout_tokens": heldout_tokens,
+        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "after_local": state.get("after_local"),
+                "student": m["ppl"]["student"]},
+        "local_tokens": state.get("local_tokens"),
+        "top1_agreement": m["agreement"]["student"]["top1_agreement"], "kl": m["agreement"]["student"]["kl"],
+        "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
+        "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
+        "seconds": seconds, "generations": m["generations"], "paper": m["paper"] or None,
+        "layout_search": state.get("layout_search"),
+    }
+    if "baseline" in models:
+        b = models["baseline"]
+        summary["baseline"] = {"layers": b.config.num_hidden_layers, "params": sum(p.numel() for p in b.parameters()),
+                               "ppl": m["ppl"]["baseline"], "top1_agreement": m["agreement"]["baseline"]["top1_agreement"],
+                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens"),
+                               "lr": state.get("baseline_lr")}
+    return summary
+
+
 def _ranks(recursion: dict) -> str:
     r = RecursionConfig.from_dict(recursion)
     return ("LoRA ranks " if r.rank_pattern else "LoRA rank ") + r.rank_text
@@ -79,12 +108,14 @@ def render_summary(s: dict) -> str:
     ratio = ppl["student"] / ppl["teacher"]
     gain = ppl["converted"] / ppl["student"]
     base = s.get("baseline")
+    calibration = s["recursion"].get("calibration") or {}
     lines = [
         f"# {s['model']} compressed by recursify",
         "",
         f"{s['recursion']['num_loops']} loops ({s['recursion']['strategy']}), {_ranks(s['recursion'])}, "
-        f"calibrated on {(s['recursion'].get('calibration') or {}).get('tokens', 0)} tokens"
-        f"{' with a sequential refit' if (s['recursion'].get('calibration') or {}).get('sequential') else ''}, "
+        f"calibrated on {calibration.get('tokens', 0)} tokens"
+        f"{' with the output curvature' if calibration.get('curvature_tokens') else ''}"
+        f"{' with a sequential refit' if calibration.get('sequential') else ''}, "
         f"{s['train_tokens'] or 0} distillation tokens, {fmt_seconds(s['seconds'])} in all.",
         _recipe(s.get("config") or {}),
     ]

@@ -91,7 +91,9 @@ def convert(
         raise ValueError("init='calibrated' fits the shared weights to calibration statistics: pass calibration=")
     if calibration is not None:
         recursion = RecursionConfig.from_dict(
-            {**recursion.to_dict(), "calibration": {"tokens": calibration.num_tokens, "damp": damp}}
+            {**recursion.to_dict(), "calibration": {"tokens": calibration.num_tokens, "damp": damp,
+                                                    **({"curvature_tokens": calibration.curvature_tokens}
+                                                       if calibration.curvature else {})}}
         )
     config = build_config(source, recursion)
     family: Family = detect_family(source.config)
@@ -132,7 +134,8 @@ def convert(
         if name in model.lora and recursion.lora_init == "svd":
             lora = model.lora[name]
             if calibration is not None:
-                B, A = activation_aware_factors(delta, calibration.of(name), lora.rank, damp=damp)
+                B, A = activation_aware_factors(delta, calibration.of(name), lora.rank, damp=damp,
+                                              out_cov=calibration.out_of(name))
             else:
                 B, A = truncated_svd(delta, lora.rank)
             lora.lora_B.copy_(B)

@@ -64,10 +64,11 @@ def _recording(model, names, sink: dict, stop_after: str | None = None):
 
 @torch.no_grad()
 def sequential_calibrate(model, source, sequences: torch.Tensor, damp: float = 0.01, batch_size: int = 4,
-                         progress: bool = True) -> None:
+                         progress: bool = True, curvature: dict[str, torch.Tensor] | None = None) -> None:
     """Refit `model`'s LoRA in place, position by position and, within a position, input group by
     input group in forward order (q/k/v, then o, then gate/up, then down), so that every fit sees
-    the inputs the already-refitted linears produce."""
+    the inputs the already-refitted linears produce. `curvature` ({linear: [L, out, out]},
+    `recursify.curvature`) weighs each fit's output directions by the teacher's."""
     import recursify as rf
 
     if model.recursion.variant != "relaxed":
@@ -109,7 +110,8 @@ def sequential_calibrate(model, source, sequences: torch.Tensor, damp: float = 0
                 W_t = teacher.slots[p].linears[name].weight.double()
                 W_s = model.slots[slot].linears[name].weight.double()
                 D = torch.linalg.solve(C + ridge, (W_t @ Cts - W_s @ C).T).T  # (.) (C + ridge)^{-1}, C symmetric
-                B, A = activation_aware_factors(D.unsqueeze(0), C.unsqueeze(0), lora.rank, damp=damp)
+                G = None if curvature is None else curvature[name][p : p + 1].to(D)
+                B, A = activation_aware_factors(D.unsqueeze(0), C.unsqueeze(0), lora.rank, damp=damp, out_cov=G)
                 lora.lora_B[p].copy_(B[0])
                 lora.lora_A[p].copy_(A[0])
         for i in range(len(batches)):

@@ -23,6 +23,7 @@ def compress(
     time_budget: str = typer.Option("60m", "--time-budget", help="Wall-clock budget for everything, e.g. 10m, 1.5h. Longer budgets buy more distillation tokens."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
+    curvature: bool = typer.Option(False, "--curvature/--no-curvature", help="Also weigh each LoRA fit's output directions by how much the teacher's predictions notice them (K-FAC's output-gradient covariance, from backward passes over 8192 calibration tokens): a lower perplexity before training, for about 2 more minutes with SmolLM2 on 2 CPU cores. The first thing a short budget drops."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(1e-4, help="Peak learning rate of the distillation, reached after at least 5 warm-up steps (lower than recursify train's: a calibrated start is already close; see the README's learning-rate sweep)."),
@@ -59,7 +60,7 @@ def compress(
             loops = int(loops)
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
-                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, seq_len=seq_len,
+                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, curvature=curvature, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
                              hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
                              baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite)

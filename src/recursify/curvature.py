@@ -1,0 +1,118 @@
+"""Output-side curvature of the source model's linears: which output errors the model notices.
+
+The calibrated closed form weighs a linear's input directions by how much real text excites them
+(C = E[x x^T]) but treats every *output* direction alike, although the next layers amplify some
+and ignore others. The distillation loss, KL(teacher || student), is zero with a zero gradient at
+the teacher, so to second order it is a quadratic form in the weight error, the Fisher
+information; K-FAC approximates a linear's block of it as G (x) C with G = E[g g^T], g the
+gradient of the log-likelihood at the linear's output, under tokens *sampled from the model
+itself* (the true Fisher, not the empirical one on the text's next tokens). Minimising
+tr(G E C E^T) over the rank-r error E then minimises that approximation of the KD loss; it is the
+two-sided whitening `activation_aware_factors(..., out_cov=G)` applies (as LLM Surgeon does for
+structured pruning).
+
+Gathered like the input statistics: once per (model, tokens), cached beside them, float64 means.
+The backward pass needs gradients only with respect to activations, never weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .calibrate import CalibrationError, CalibrationStats, fingerprint
+from .families import detect_family
+
+
+def collect_curvature(source, sequences: torch.Tensor, batch_size: int = 4, seed: int = 0,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """{linear: [L, out, out]}: the mean over `sequences`' tokens of g g^T at each linear's output,
+    g = d log p(y) / d output with y drawn from the model's own next-token distribution."""
+    family = detect_family(source.config)
+    layers = list(source.get_submodule(family.layers))
+    embed = source.get_input_embeddings()
+    device = embed.weight.device
+    if sequences.numel() == 0:
+        raise CalibrationError("no calibration tokens")
+    if int(sequences.max()) >= embed.weight.shape[0] or int(sequences.min()) < 0:
+        raise CalibrationError("calibration token ids do not fit the model's vocabulary: another tokenizer")
+    acc: dict[str, list[torch.Tensor | None]] = {name: [None] * len(layers) for name in family.linears}
+
+    def record(name: str, index: int):
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.reshape(-1, g.shape[-1]).float()
+            ggt = (g.T @ g).double()
+            slot = acc[name]
+            slot[index] = ggt if slot[index] is None else slot[index].add_(ggt)
+
+        def hook(module, args, output):
+            output.register_hook(on_grad)
+
+        return hook
+
+    hooks = [layer.get_submodule(family.linears[name]).register_forward_hook(record(name, i))
+             for i, layer in enumerate(layers) for name in family.linears]
+    frozen = [(p, p.requires_grad) for p in source.parameters()]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = source.training
+    n_tokens = 0
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        source.eval()
+        for start in tqdm(range(0, len(sequences), batch_size), desc="output curvature", disable=not progress,
+                          leave=False):
+            ids = sequences[start : start + batch_size].to(device)
+            x = embed(ids).detach().requires_grad_(True)
+            logits = source(inputs_embeds=x, use_cache=False).logits.float()
+            with torch.no_grad():
+                probs = logits.softmax(-1).flatten(0, 1).cpu()
+                labels = torch.multinomial(probs, 1, generator=generator).view(ids.shape).to(device)
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+            n_tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        source.train(was_training)
+    return {name: torch.stack([m.cpu() for m in mats]) / n_tokens for name, mats in acc.items()}
+
+
+def cached_curvature(source, sequences: torch.Tensor, cache_dir: str | Path | None,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """`collect_curvature`, reusing a previous result for the same model and tokens."""
+    if cache_dir is None:
+        return collect_curvature(source, sequences, progress=progress)
+    path = Path(cache_dir) / f"{fingerprint(source, sequences)}.curvature.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))
+        except Exception as e:  # a truncated or foreign file: recompute
+            warnings.warn(f"ignoring unreadable curvature cache {path}: {e}", stacklevel=2)
+    curvature = collect_curvature(source, sequences, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in curvature.items()}, str(tmp))
+    tmp.replace(path)
+    return curvature
+
+
+def with_curvature(stats: CalibrationStats, source, sequences: torch.Tensor, cache: bool = True,
+                   progress: bool = True) -> CalibrationStats:
+    """`stats` with the output curvature on `sequences` attached (cached beside the input statistics
+    in $RECURSIFY_CACHE unless `cache` is False), so that `convert` and `sequential_calibrate` fit
+    both sides."""
+    from .hub import cache_root
+
+    curvature = cached_curvature(source, sequences, cache_root() / "calibration" if cache else None, progress=progress)
+    return dataclasses.replace(stats, curvature=curvature, curvature_tokens=sequences.numel())
+
+
+__all__ = ["collect_curvature", "cached_curvature", "with_curvature"]
