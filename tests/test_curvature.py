@@ -137,3 +137,10 @@ def test_two_sided_sequential_full_rank_reproduces_the_source():
         lora.lora_A.data.normal_()
     sequential_calibrate(model, source, ids, damp=0.0, progress=False, curvature=curvature)
     assert (model(ids).logits - source(ids).logits).abs().max().item() < 1e-3
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_clear_error():
+    from recursify.calibrate import CalibrationError
+
+    with pytest.raises(CalibrationError, match="another tokenizer"):
+        collect_curvature(make("llama"), torch.full((1, 4), 500), progress=False)

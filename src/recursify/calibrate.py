@@ -105,6 +105,18 @@ def linear_input_groups(source, family: Family | None = None) -> dict[str, str]:
     return groups
 
 
+def check_tokens(source, sequences: torch.Tensor) -> None:
+    """Calibration tokens that the model can read, or one CalibrationError line."""
+    vocab = source.get_input_embeddings().weight.shape[0]
+    if sequences.numel() == 0:
+        raise CalibrationError("no calibration tokens")
+    if int(sequences.max()) >= vocab or int(sequences.min()) < 0:
+        raise CalibrationError(
+            f"calibration token ids reach {int(sequences.max())} but the model's vocabulary has {vocab} entries: "
+            "the text was tokenised with another tokenizer"
+        )
+
+
 @torch.no_grad()
 def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
     """X^T X / N of every linear's input at every layer of `source`, over `sequences` [n, T].
@@ -116,14 +128,7 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     groups = linear_input_groups(source, family)
     layers = _layers(source, family)
     device = source.get_input_embeddings().weight.device
-    vocab = source.get_input_embeddings().weight.shape[0]
-    if sequences.numel() == 0:
-        raise CalibrationError("no calibration tokens")
-    if int(sequences.max()) >= vocab or int(sequences.min()) < 0:
-        raise CalibrationError(
-            f"calibration token ids reach {int(sequences.max())} but the model's vocabulary has {vocab} entries: "
-            "the text was tokenised with another tokenizer"
-        )
+    check_tokens(source, sequences)
     acc: dict[str, list[torch.Tensor | None]] = {g: [None] * len(layers) for g in dict.fromkeys(groups.values())}
 
     def record(group: str, index: int):
@@ -217,7 +222,7 @@ def activation_aware_factors(
     directions: the same projection of G^{1/2} Delta, mapped back, B A = G^{-1/2} U_r U_r^T G^{1/2} Delta,
     with G damped by `out_damp` * mean(diag G).
     """
-    n, out_f, in_f = delta.shape
+    out_f, in_f = delta.shape[1:]
     D = delta.double()
     root_inv = None
     if out_cov is not None:
@@ -225,10 +230,7 @@ def activation_aware_factors(
         w = w.clamp(min=w.amax(-1, keepdim=True) * 1e-12)
         D = (Q * w.sqrt().unsqueeze(-2)) @ Q.transpose(1, 2) @ D  # G^{1/2} Delta
         root_inv = (Q * w.rsqrt().unsqueeze(-2)) @ Q.transpose(1, 2)
-    C = cov.to(D)
-    if damp:
-        mean_diag = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
-        C = C + damp * mean_diag.view(n, 1, 1) * torch.eye(in_f, dtype=C.dtype, device=C.device)
+    C = _damped(cov.to(D), damp)
     if out_f <= in_f:
         _, U = torch.linalg.eigh(D @ C @ D.transpose(1, 2))
         U = U.flip(-1)[..., :rank]

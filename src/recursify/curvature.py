@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .calibrate import CalibrationError, CalibrationStats, fingerprint
+from .calibrate import CalibrationStats, check_tokens, fingerprint
 from .families import detect_family
 
 
@@ -38,10 +38,7 @@ def collect_curvature(source, sequences: torch.Tensor, batch_size: int = 4, seed
     layers = list(source.get_submodule(family.layers))
     embed = source.get_input_embeddings()
     device = embed.weight.device
-    if sequences.numel() == 0:
-        raise CalibrationError("no calibration tokens")
-    if int(sequences.max()) >= embed.weight.shape[0] or int(sequences.min()) < 0:
-        raise CalibrationError("calibration token ids do not fit the model's vocabulary: another tokenizer")
+    check_tokens(source, sequences)
     acc: dict[str, list[torch.Tensor | None]] = {name: [None] * len(layers) for name in family.linears}
 
     def record(name: str, index: int):

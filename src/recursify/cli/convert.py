@@ -98,20 +98,20 @@ def convert(
             ranks = allocate_ranks(teacher, recursion, stats, target_params, damp=damp)
             recursion = dataclasses.replace(recursion, rank_pattern=ranks)
             console.print("ranks: " + ", ".join(f"{k} {v}" for k, v in ranks.items()))
-        if curvature:
+        if sequential or curvature:  # the refit's and the curvature's tokens
             from ..calibrate import calibration_sequences
+
+            fit_seqs = calibration_sequences(split_list(calibrate), tokenizer, min(calib_tokens, 8192))
+        if curvature:
             from ..curvature import with_curvature
 
-            stats = with_curvature(stats, teacher, calibration_sequences(split_list(calibrate), tokenizer,
-                                                                         min(calib_tokens, 8192)))
+            stats = with_curvature(stats, teacher, fit_seqs)
     t1 = time.time()
     student = rf.convert(teacher, recursion, progress=True, calibration=stats, damp=damp)
     if sequential:
-        from ..calibrate import calibration_sequences
         from ..sequential import sequential_calibrate
 
-        seqs = calibration_sequences(split_list(calibrate), tokenizer, min(calib_tokens, 8192))
-        sequential_calibrate(student, teacher, seqs, damp=damp, curvature=stats.curvature)
+        sequential_calibrate(student, teacher, fit_seqs, damp=damp, curvature=stats.curvature)
     t_convert = time.time() - t1
     with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):
         student.save_pretrained(tmp)
