@@ -52,14 +52,10 @@ class CalibrationStats:
         return None if self.curvature is None else self.curvature[linear]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         meta = {"num_tokens": str(self.num_tokens), "input_of": json.dumps(self.input_of),
                 "curvature_tokens": str(self.curvature_tokens if self.curvature else 0)}
         tensors = {**self.cov, **{f"curvature.{k}": v for k, v in (self.curvature or {}).items()}}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_tensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
@@ -193,15 +189,31 @@ def cached_stats(source, sequences: torch.Tensor, cache_dir: str | Path | None, 
     """`collect_stats`, reusing a previous result for the same model and tokens."""
     if cache_dir is None:
         return collect_stats(source, sequences, progress=progress)
-    path = stats_path(source, sequences, cache_dir)
+    return load_or_compute(stats_path(source, sequences, cache_dir), CalibrationStats.load,
+                           lambda: collect_stats(source, sequences, progress=progress),
+                           lambda stats, path: stats.save(path))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written whole or not at all (through a temporary file), so that a kill
+    half-way leaves no truncated cache entry behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_or_compute(path: Path, load, compute, save):
+    """`load(path)` when a readable cache entry is there, else `compute()` and `save(result, path)`."""
     if path.exists():
         try:
-            return CalibrationStats.load(path)
+            return load(path)
         except Exception as e:  # a truncated or foreign file: recompute
-            warnings.warn(f"ignoring unreadable calibration cache {path}: {e}", stacklevel=2)
-    stats = collect_stats(source, sequences, progress=progress)
-    stats.save(path)
-    return stats
+            warnings.warn(f"ignoring unreadable cache {path}: {e}", stacklevel=3)
+    result = compute()
+    save(result, path)
+    return result
 
 
 @torch.no_grad()

@@ -18,15 +18,14 @@ The backward pass needs gradients only with respect to activations, never weight
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .calibrate import CalibrationStats, check_tokens, fingerprint
+from .calibrate import CalibrationStats, check_tokens, fingerprint, load_or_compute, save_tensors
 from .families import detect_family
 
 
@@ -87,18 +86,9 @@ def cached_curvature(source, sequences: torch.Tensor, cache_dir: str | Path | No
     """`collect_curvature`, reusing a previous result for the same model and tokens."""
     if cache_dir is None:
         return collect_curvature(source, sequences, progress=progress)
-    path = Path(cache_dir) / f"{fingerprint(source, sequences)}.curvature.safetensors"
-    if path.exists():
-        try:
-            return load_file(str(path))
-        except Exception as e:  # a truncated or foreign file: recompute
-            warnings.warn(f"ignoring unreadable curvature cache {path}: {e}", stacklevel=2)
-    curvature = collect_curvature(source, sequences, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in curvature.items()}, str(tmp))
-    tmp.replace(path)
-    return curvature
+    return load_or_compute(Path(cache_dir) / f"{fingerprint(source, sequences)}.curvature.safetensors", load_file,
+                           lambda: collect_curvature(source, sequences, progress=progress),
+                           lambda curvature, path: save_tensors(curvature, path))
 
 
 def with_curvature(stats: CalibrationStats, source, sequences: torch.Tensor, cache: bool = True,
