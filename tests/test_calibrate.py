@@ -114,6 +114,19 @@ def test_stats_round_trip_and_cache(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
+def test_a_truncated_cache_entry_warns_and_is_recomputed(tmp_path):
+    source = make("qwen2").eval()
+    ids = torch.randint(0, 97, (2, 8), generator=GEN)
+    first = cached_stats(source, ids, tmp_path, progress=False)
+    (entry,) = tmp_path.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:100])  # a run killed half-way through an older, non-atomic write
+    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+        again = cached_stats(source, ids, tmp_path, progress=False)
+    assert all(torch.equal(again.cov[k], first.cov[k]) for k in first.cov)
+    assert CalibrationStats.load(entry).num_tokens == 16  # rewritten whole
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_token_ids_beyond_the_vocabulary_are_refused():
     with pytest.raises(CalibrationError, match="another tokenizer"):
         collect_stats(make("llama"), torch.full((1, 4), 500), progress=False)
