@@ -26,7 +26,8 @@ def teacher_dir(tmp_path_factory):
 
 def cfg(root, out, **kw) -> CompressConfig:
     base = dict(model=str(root / "teacher"), out=str(out), data=[str(root / "data.jsonl")], loops=2, lora_rank=4,
-                time_budget=60.0, calib_tokens=256, seq_len=16, batch_size=8, lr=1e-2, eval_tokens=256)
+                time_budget=60.0, calib_tokens=256, seq_len=16, batch_size=8, lr=1e-2, eval_tokens=256,
+                curvature=False)  # on by default; its own test below turns it on (it lengthens every preparation)
     base.update(kw)
     return CompressConfig(**base)
 

@@ -45,7 +45,7 @@ class CompressConfig:
     calib_tokens: int = 16_384
     damp: float = 0.01
     sequential: bool = True  # refit the LoRA position by position on the student's own inputs
-    curvature: bool = False  # also weigh the LoRA fits' output directions by the teacher's output curvature
+    curvature: bool = True  # also weigh the LoRA fits' output directions by the teacher's output curvature
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 1e-4  # below the trainer's 3e-4: a calibrated start is close enough that 3e-4 undoes part of it
