@@ -181,9 +181,31 @@ def test_all_source_kinds_are_read(tmp_path, tok):
     assert list(iter_documents(str(tmp_path / "a.txt"))) == ["the cat"]  # a single source is fine
 
     train, _ = build_datasets(cfg_for(tmp_path, sources, seq_len=2, heldout_fraction=0.0), tok)
-    assert split_docs(train.read_tokens()) == [
+    # several sources are interleaved (next test), so only the documents are compared here
+    assert sorted(split_docs(train.read_tokens())) == sorted(
         tuple(ids(t)) for t in ["the cat", "on the mat", "a dog", "ran far", "dog sat", "cat ran", "the dog", "far away"]
-    ]
+    )
+
+
+def test_a_capped_stream_of_several_sources_holds_each_in_proportion_to_its_size(tmp_path, tok):
+    """Read in turn, a cap inside the first source would drop the second one entirely."""
+    big = [" ".join(random.Random(i).choices(["the", "cat", "sat", "mat"], k=4)) for i in range(30)]
+    small = [" ".join(random.Random(i).choices(["dog", "ran", "far"], k=4)) for i in range(10)]
+    write_jsonl(tmp_path / "big.jsonl", big)
+    write_jsonl(tmp_path / "small.jsonl", small)  # every line as long as big's: a third of its bytes
+    assert len({len(line) for line in (tmp_path / "big.jsonl").read_text().splitlines()}
+               | {len(line) for line in (tmp_path / "small.jsonl").read_text().splitlines()}) == 1
+    sources = [tmp_path / "big.jsonl", tmp_path / "small.jsonl"]
+
+    def docs(max_tokens):
+        train, _ = build_datasets(cfg_for(tmp_path, sources, seq_len=4, heldout_fraction=0.0, max_tokens=max_tokens), tok)
+        return split_docs(train.read_tokens())
+
+    capped = docs(20 * 4 + 19)  # 20 whole documents of 4 tokens, EOS between them
+    assert len(capped) == 20
+    from_small = sum(doc[0] in (ID["dog"], ID["ran"], ID["far"]) for doc in capped)
+    assert from_small == 5  # 20 documents in the 30:10 ratio of the sizes
+    assert sorted(docs(None)) == sorted(tuple(ids(t)) for t in big + small)  # uncut: every document once
 
 
 # ------------------------------------------------------------------------------ held-out split

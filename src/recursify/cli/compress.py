@@ -12,7 +12,7 @@ from .app import CLIError, app, console, out, split_list
 @app.command()
 def compress(
     model: str = typer.Argument("smollm2-135m", help="Source model: a bundled name, a Hugging Face folder or a .gguf file."),
-    data: str = typer.Option(..., "--data", help="Training text (files/folders/.jsonl, comma-separated); its documents also calibrate the conversion."),
+    data: str = typer.Option(..., "--data", help="Training text (files/folders/.jsonl, comma-separated; several sources are mixed in proportion to their sizes, e.g. your text plus general text to keep general ability); its documents also calibrate the conversion."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (with summary.md and summary.json)."),
     heldout: Optional[str] = typer.Option(None, help="Held-out text for the evaluation (default: 5% of --data's documents, never trained on)."),
     loops: str = typer.Option("auto", "--loops", "-B", help="Number of loops (K = L / loops unique layers), or auto: convert every loop count that fits --target-params, each with the LoRA rank that fills it, and keep the one whose calibrated conversion scores best on training text, before any training (about 20 s a layout for SmolLM2 on 2 CPU cores)."),

@@ -17,6 +17,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -24,7 +25,8 @@ from .sources import DataError, Unit, doc_hash, is_heldout, resolve_sources, uni
 
 # Bump when the on-disk format or the packing rules change: old caches are then ignored.
 # 2: the held-out side is read past the training budget (v1 caches stopped at max_tokens).
-CACHE_VERSION = 2
+# 3: several training sources are interleaved in proportion to their sizes (v2 read them in turn).
+CACHE_VERSION = 3
 
 
 # Documents handed to the tokenizer per call: big enough to amortise call overhead, small enough
@@ -166,6 +168,29 @@ class _StreamWriter:
         self.buffer, self.buffered = [], 0
 
 
+def mixed_documents(groups: list[list[Unit]]) -> Iterator[str]:
+    """Documents of several sources, interleaved so that each has been read in proportion to its size.
+
+    Read in turn, a training cap (`max_tokens`) that ends inside the first source would silently
+    drop the others: `--data mine,general` would train on `mine` alone. Here the next document
+    always comes from the source with the smallest fraction of its bytes read so far, so a
+    stream cut anywhere holds every source in proportion to its size, and an uncut stream holds
+    exactly the documents of reading them in turn. One source reads as before.
+    """
+    sizes = [max(1, sum(r[2] for r in _stat_record(units))) for units in groups]
+    streams = [(doc for unit in units for doc in unit_documents(unit)) for units in groups]
+    read = [0] * len(groups)
+    live = list(range(len(groups)))
+    while live:
+        i = min(live, key=lambda j: (read[j] / sizes[j], j))
+        doc = next(streams[i], None)
+        if doc is None:
+            live.remove(i)
+            continue
+        read[i] += len(doc.encode("utf-8"))
+        yield doc
+
+
 def _progress(total_bytes: int):
     from tqdm.auto import tqdm
 
@@ -184,10 +209,11 @@ def _tokenize_into(
     tmp: Path,
     cfg: DataConfig,
     tokenizer,
-    train_units: list[Unit],
+    train_groups: list[list[Unit]],
     heldout_units: list[Unit] | None,
     dtype,
 ) -> dict:
+    train_units = [unit for units in train_groups for unit in units]
     eos_id = int(tokenizer.eos_token_id)
     train = _StreamWriter(tmp, "train", dtype, eos_id, cfg.shard_tokens)
     heldout = _StreamWriter(tmp, "heldout", dtype, eos_id, cfg.shard_tokens)
@@ -213,33 +239,30 @@ def _tokenize_into(
             out.append(arr.astype(dtype))
         return out
 
-    def run(units: list[Unit], route, needed: tuple[str, ...]) -> bool:
-        """Read documents until every side in `needed` is full; True if the units ran out first.
+    def run(docs: Iterable[str], route, needed: tuple[str, ...]) -> bool:
+        """Read documents until every side in `needed` is full; True if the documents ran out first.
 
         `route(text) -> side | None`. Only documents bound for a side that is not yet full are
         tokenised, so reading past the training budget costs little more than the reading.
         """
-        for unit in units:
-            batch: list[tuple[str, str]] = []
-            chars = 0
-            for doc in unit_documents(unit):
-                counts["docs"] += 1
-                bar.update(len(doc))
-                side = route(doc)
-                if side is None or full(side):
-                    continue
-                batch.append((side, doc))
-                chars += len(doc)
-                if len(batch) >= cfg.tokenize_batch_docs or chars >= _TOKENIZE_BATCH_CHARS:
-                    add(batch)
-                    batch, chars = [], 0
-                    if all(full(n) for n in needed):
-                        return False
-            if batch:
+        batch: list[tuple[str, str]] = []
+        chars = 0
+        for doc in docs:
+            counts["docs"] += 1
+            bar.update(len(doc))
+            side = route(doc)
+            if side is None or full(side):
+                continue
+            batch.append((side, doc))
+            chars += len(doc)
+            if len(batch) >= cfg.tokenize_batch_docs or chars >= _TOKENIZE_BATCH_CHARS:
                 add(batch)
-            if all(full(n) for n in needed):
-                return False
-        return True
+                batch, chars = [], 0
+                if all(full(n) for n in needed):
+                    return False
+        if batch:
+            add(batch)
+        return not all(full(n) for n in needed)
 
     def add(batch: list[tuple[str, str]]) -> None:
         for (side, _), ids in zip(batch, encode([text for _, text in batch])):
@@ -255,7 +278,8 @@ def _tokenize_into(
         if heldout_units is None:
             needed = ("train", "heldout") if cfg.heldout_fraction > 0 else ("train",)
             read_all = run(
-                train_units, lambda t: "heldout" if is_heldout(t, cfg.heldout_fraction) else "train", needed
+                mixed_documents(train_groups), lambda t: "heldout" if is_heldout(t, cfg.heldout_fraction) else "train",
+                needed
             )
         else:
             # Held-out first, so training can skip any document that is also held out.
@@ -269,9 +293,9 @@ def _tokenize_into(
                     return None
                 return "train"
 
-            run(heldout_units, route_heldout, ("heldout",))
+            run((doc for unit in heldout_units for doc in unit_documents(unit)), route_heldout, ("heldout",))
             heldout_docs_read = counts["docs"]
-            read_all = run(train_units, route_train, ("train",))
+            read_all = run(mixed_documents(train_groups), route_train, ("train",))
 
     if counts["docs"] == 0:
         raise DataError("corpus is empty: the sources contain no text")
@@ -310,7 +334,8 @@ def build_cache(cfg: DataConfig, tokenizer) -> tuple[Path, dict]:
     """Return (cache folder, meta), tokenising only if no complete cache exists for these inputs."""
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError("the tokenizer has no EOS token; packing needs one to separate documents")
-    train_units = resolve_sources(cfg.sources)
+    train_groups = [resolve_sources([source]) for source in cfg.sources]
+    train_units = [unit for units in train_groups for unit in units]
     heldout_units = resolve_sources(cfg.heldout_sources) if cfg.heldout_sources is not None else None
     tok = _tokenizer_record(tokenizer)
     vocab_top = max(tok["len"], tok["eos"] + 1)
@@ -339,7 +364,7 @@ def build_cache(cfg: DataConfig, tokenizer) -> tuple[Path, dict]:
     tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        stats = _tokenize_into(tmp, cfg, tokenizer, train_units, heldout_units, dtype)
+        stats = _tokenize_into(tmp, cfg, tokenizer, train_groups, heldout_units, dtype)
         meta = {**stats, "dtype": np.dtype(dtype).name, "eos_id": tok["eos"], "key_inputs": key_inputs}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -55,7 +55,7 @@ class TrainConfig:
     teacher: str | None = _f("smollm2-135m", "Teacher model (bundled name, folder or .gguf); 'none' for CE-only "
                                              "training (needs alpha=0). Not loaded when alpha=0 and hidden_weight=0.")
     data: list[str] = _f(["corpus/python-docs/train"], "Training text: files/folders (.txt .md .rst .jsonl or a "
-                                                       "datasets folder).")
+                                                       "datasets folder); several are mixed in proportion to their sizes.")
     heldout: list[str] | None = _f(None, "Held-out sources; default: a heldout_fraction of the data's documents.")
     heldout_fraction: float = _f(0.05, "Fraction of documents held out when --heldout is not given.")
     cache_dir: str | None = _f(None, "Token cache folder (default $RECURSIFY_CACHE/tokens or ~/.cache/recursify/tokens).")
