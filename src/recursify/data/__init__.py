@@ -3,7 +3,7 @@ on-disk token cache (`cache`), serve packed sequences and batches (`batches`).
 
 Pipeline::
 
-    sources --iter_documents--> documents --tokenizer--> train / held-out token streams
+    sources --mixed_documents--> documents --tokenizer--> train / held-out token streams
         (EOS between documents)  --> .npy shards in a cache dir --> PackedDataset (memmap) --> batches()
 
 Design points training and evaluation rely on:
@@ -13,6 +13,8 @@ Design points training and evaluation rely on:
 * The held-out split does not depend on ``max_tokens``: reading goes on past the training budget
   (tokenising only held-out documents) until the held-out side has ``heldout_tokens`` or the
   sources run out, so a small budget on a large corpus still gets its held-out text.
+* Several training sources are interleaved in proportion to their sizes (`cache.mixed_documents`),
+  so a ``max_tokens`` cap keeps every source instead of the first ones.
 * The cache is keyed on the inputs (files with their sizes/mtimes, tokenizer, split settings), not
   on ``seq_len``: sequences are cut when reading, so changing ``seq_len`` reuses the cache.
 * ``batches`` is a pure function of (seed, step), which is what makes checkpoint resume and
