@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .sources import DataError, Unit, doc_hash, is_heldout, resolve_sources, unit_documents
+from .sources import DataError, Unit, doc_hash, is_heldout, resolve_sources, units_documents
 
 # Bump when the on-disk format or the packing rules change: old caches are then ignored.
 # 2: the held-out side is read past the training budget (v1 caches stopped at max_tokens).
@@ -178,7 +178,7 @@ def mixed_documents(groups: list[list[Unit]]) -> Iterator[str]:
     exactly the documents of reading them in turn. One source reads as before.
     """
     sizes = [max(1, sum(r[2] for r in _stat_record(units))) for units in groups]
-    streams = [(doc for unit in units for doc in unit_documents(unit)) for units in groups]
+    streams = [units_documents(units) for units in groups]
     read = [0] * len(groups)
     live = list(range(len(groups)))
     while live:
@@ -293,7 +293,7 @@ def _tokenize_into(
                     return None
                 return "train"
 
-            run((doc for unit in heldout_units for doc in unit_documents(unit)), route_heldout, ("heldout",))
+            run(units_documents(heldout_units), route_heldout, ("heldout",))
             heldout_docs_read = counts["docs"]
             read_all = run(mixed_documents(train_groups), route_train, ("train",))
 

@@ -160,7 +160,12 @@ def iter_documents(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> 
 
     A .txt/.md/.rst file is one document; a .jsonl line or a dataset row is one document.
     """
-    for unit in resolve_sources(sources):
+    yield from units_documents(resolve_sources(sources))
+
+
+def units_documents(units: Sequence[Unit]) -> Iterator[str]:
+    """Documents of resolved units, read in turn."""
+    for unit in units:
         yield from unit_documents(unit)
 
 
