@@ -81,6 +81,18 @@ def test_bad_requests_are_one_line_errors(teacher_dir, tmp_path, kw, match):
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
 
 
+@pytest.mark.parametrize("field", ["data", "heldout"])
+def test_a_missing_data_source_fails_before_the_model_loads(teacher_dir, tmp_path, monkeypatch, field):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the data sources were checked")
+
+    monkeypatch.setattr(rf.hub, "load_pretrained", no_loading)
+    with pytest.raises(CompressError, match="data source not found: .*nope"):
+        compress(cfg(teacher_dir, tmp_path / "bad", **{field: [str(teacher_dir / "data.jsonl"), str(tmp_path / "nope")]}),
+                 log=lambda s: None)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
+
+
 def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, tmp_path, monkeypatch):
     """The full recipe with every option: the ranks fit the budget, and the local stage runs,
     changes the model and is reported."""

@@ -143,6 +143,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     from .eval.metrics import perplexity
     from .hub import atomic_dir, cache_root, load_pretrained
     from .data import DataConfig, DataError, build_datasets
+    from .data.sources import resolve_sources
     from .train.trainer import TrainConfig, TrainError, train
 
     cfg.validate()
@@ -157,6 +158,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                                        lora_rank=0 if auto or auto_loops else (64 if cfg.lora_rank is None else cfg.lora_rank))
         if cfg.target_params is not None and not 0 < cfg.target_params <= 1:
             raise CompressError(f"--target-params is a fraction of the teacher's parameters in (0, 1], got {cfg.target_params}")
+        resolve_sources(cfg.data)  # a missing or unreadable source fails before the model loads
+        if cfg.heldout:
+            resolve_sources(cfg.heldout)
         source_config = rf.hub.load_config(cfg.model)
         family = rf.families.detect_family(source_config)
         if not auto_loops:
