@@ -12,6 +12,7 @@ Recipes: plain-kd (plain SVD conversion, KD), calibrated-kd (calibrated + sequen
 curvature-kd (the same fitted on both sides: the teacher's output curvature on --seq-tokens too),
 calibrated-local-kd (the same, then --local-fraction of the training time on local distillation
 before KD), allocated-kd (calibrated + sequential with --target-params ranks chosen per linear),
+curvature-allocated-kd (curvature-kd with the ranks chosen per linear by the Fisher-weighted gains),
 baseline-kd (the parameter-matched plain model: the largest stepwise layer subset of the teacher
 with no more parameters than the recursive student, distilled the same way).
 A recipe may carry its own learning rate, trainable set, hidden-state distillation weight and
@@ -41,7 +42,8 @@ from recursify.data import DataConfig, build_datasets
 from recursify.train.local import local_distill
 from recursify.train import TrainConfig, train
 
-RECIPES = ("plain-kd", "calibrated-kd", "curvature-kd", "calibrated-local-kd", "allocated-kd", "baseline-kd")
+RECIPES = ("plain-kd", "calibrated-kd", "curvature-kd", "calibrated-local-kd", "allocated-kd", "curvature-allocated-kd",
+           "baseline-kd")
 
 
 def main(argv=None) -> int:
@@ -142,16 +144,16 @@ def main(argv=None) -> int:
             print(f"baseline: {model.config.num_hidden_layers} plain layers", flush=True)
         else:
             recursion = dataclasses.replace(base, init=args.init)
-            if kind == "allocated":
+            fitted = stats
+            if kind.startswith("curvature"):  # computed afresh, never from the cache: its cost is part of the recipe
+                fitted = with_curvature(stats, teacher, seqs[: args.seq_tokens // args.seq_len], cache=False)
+            if kind.endswith("allocated"):
                 from recursify.allocate import allocate_ranks, parameter_count
 
                 target = args.target_params or parameter_count(teacher, base) / sum(p.numel() for p in teacher.parameters())
                 recursion = dataclasses.replace(recursion, lora_rank=0,
-                                                rank_pattern=allocate_ranks(teacher, recursion, stats, target))
+                                                rank_pattern=allocate_ranks(teacher, recursion, fitted, target))
                 print(f"allocated ranks for {target:.3f} of the teacher: {recursion.rank_pattern}", flush=True)
-            fitted = stats
-            if kind == "curvature":  # computed afresh, never from the cache: its cost is part of the recipe
-                fitted = with_curvature(stats, teacher, seqs[: args.seq_tokens // args.seq_len], cache=False)
             model = rf.convert(teacher, recursion, progress=False, calibration=fitted)
             sequential_calibrate(model, teacher, seqs[: args.seq_tokens // args.seq_len], curvature=fitted.curvature)
         seconds = time.perf_counter() - t + (0 if kind in ("plain", "baseline") else calib_s)
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     rows = []
     for recipe, lr, trainable, hidden, batch in runs:
         kind = {"plain-kd": "plain", "allocated-kd": "allocated", "baseline-kd": "baseline",
-                "curvature-kd": "curvature"}.get(recipe, "calibrated")
+                "curvature-kd": "curvature", "curvature-allocated-kd": "curvature-allocated"}.get(recipe, "calibrated")
         folder, prep_s = prepare(kind)
         clock = 0.0
         student, _ = rf.load_pretrained(str(folder))

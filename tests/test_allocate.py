@@ -128,3 +128,50 @@ def test_a_budget_rank_zero_cannot_meet_is_one_clear_error(calibrated_llama):
         allocate_ranks(source, cfg, stats, 0.05)
     with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
         allocate_ranks(source, cfg, stats, 1.5)
+
+
+@pytest.fixture(scope="module")
+def curved_llama(calibrated_llama):
+    from recursify.curvature import with_curvature
+
+    source, stats = calibrated_llama
+    return source, with_curvature(stats, source, torch.randint(0, 97, (4, 16), generator=GEN), cache=False,
+                                  progress=False)
+
+
+def test_with_curvature_the_gains_are_the_fisher_weighted_errors_each_rank_removes(curved_llama):
+    """Cumulative gains = tr(G D C D^T) - tr(G E_r C E_r^T), E_r the residual of the conversion's own
+    two-sided rank-r fit (G, C damped as the conversion damps them), summed over positions."""
+    from recursify.calibrate import OUT_DAMP, _damped
+
+    source, stats = curved_llama
+    cfg = rf.RecursionConfig(num_loops=2, init="average")
+    spectra = relative_spectra(source, cfg, stats)
+    layers = source.model.layers
+    for name, path in [("q", "self_attn.q_proj"), ("v", "self_attn.v_proj"), ("down", "mlp.down_proj")]:
+        W = torch.stack([layer.get_submodule(path).weight.double() for layer in layers])
+        slots = torch.tensor(rf.Layout.build(len(layers), cfg).slot_of_position)
+        D = W - torch.stack([W[slots == s].mean(0) for s in range(int(slots.max()) + 1)])[slots]
+        C, G = _damped(stats.of(name).double(), 0.01), _damped(stats.out_of(name).double(), OUT_DAMP)
+
+        def weighted(E):
+            return torch.einsum("noi,nij,npj,nop->", E, C, E, G).item()
+
+        for r in (1, 3):
+            B, A = activation_aware_factors(D, stats.of(name), r, damp=0.01, out_cov=stats.out_of(name))
+            expected = weighted(D) - weighted(D - B.double() @ A.double())
+            assert float(spectra[name][:r].sum()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_linear_whose_errors_the_model_notices_more_gets_more_rank(curved_llama):
+    import dataclasses
+
+    source, stats = curved_llama
+    cfg = rf.RecursionConfig(num_loops=2, init="average")
+    teacher = sum(p.numel() for p in source.parameters())
+    target = parameter_count(source, rf.RecursionConfig(num_loops=2, init="average", lora_rank=4)) / teacher
+    before = allocate_ranks(source, cfg, stats, target)
+    louder = dataclasses.replace(stats, curvature={**stats.curvature, "up": stats.curvature["up"] * 1e3})
+    after = allocate_ranks(source, cfg, louder, target)
+    assert after["up"] > before["up"]
+    assert all(after[n] <= before[n] for n in before if n != "up")

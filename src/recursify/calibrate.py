@@ -216,10 +216,13 @@ def load_or_compute(path: Path, load, compute, save):
     return result
 
 
+OUT_DAMP = 0.1  # ridge on the output curvature G, as a fraction of its mean diagonal
+
+
 @torch.no_grad()
 def activation_aware_factors(
     delta: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 0.01, out_cov: torch.Tensor | None = None,
-    out_damp: float = 0.1,
+    out_damp: float = OUT_DAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (B [n, out, r], A [n, r, in]) minimising ||G^{1/2} (Delta - B A) C^{1/2}||_F per matrix.
 
