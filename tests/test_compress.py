@@ -271,3 +271,22 @@ def test_curvature_is_recorded_and_a_short_budget_drops_it_before_calibration_te
                  log=lines.append)
     assert any("too short for the output curvature" in line for line in lines)
     assert "curvature_tokens" not in s["recursion"]["calibration"] and s["recursion"]["calibration"]["tokens"] == 1024
+
+
+def test_with_the_curvature_the_chosen_layout_gets_per_linear_ranks_of_its_size(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for allocate in (True, False):
+        out = tmp_path / f"allocate-{allocate}"
+        runs[allocate] = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, curvature=True,
+                                      allocate=allocate, max_tokens=8 * 16 * 2, time_budget=300.0),
+                                  log=lambda line: None)
+    uniform, allocated = runs[False], runs[True]
+    assert uniform["recursion"]["rank_pattern"] is None  # --uniform-ranks: the search's own layout
+    chosen = uniform["recursion"]["num_loops"]
+    assert allocated["recursion"]["num_loops"] == chosen
+    ranks = allocated["recursion"]["rank_pattern"]
+    assert set(ranks) == {"q", "k", "v", "o", "gate", "up", "down"} and len(set(ranks.values())) > 1
+    # the same size as the uniform layout, short of it by less than one more component of any linear
+    spare = uniform["params"]["student"] - allocated["params"]["student"]
+    assert 0 <= spare < 6 * (64 + 96)  # tiny llama: 6 positions, no linear's in + out above 64 + 96

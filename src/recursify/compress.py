@@ -46,6 +46,7 @@ class CompressConfig:
     damp: float = 0.01
     sequential: bool = True  # refit the LoRA position by position on the student's own inputs
     curvature: bool = True  # also weigh the LoRA fits' output directions by the teacher's output curvature
+    allocate: bool = True  # with loops "auto" and the curvature: per-linear ranks of the chosen layout's size
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 1e-4  # below the trainer's 3e-4: a calibrated start is close enough that 3e-4 undoes part of it
@@ -306,21 +307,24 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(layout_search=[{"loops": c.loops, "rank": c.rank, "params": c.params, "ppl": c.ppl}
                                       for c in options])
             log(f"      chose {best.loops} loops, rank {best.rank}")
-        elif auto:
-            from .allocate import allocate_ranks
-
-            try:
-                ranks = allocate_ranks(teacher, recursion, stats, cfg.target_params, damp=cfg.damp)
-            except ValueError as e:
-                raise CompressError(str(e)) from e
-            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
-            log(f"      ranks for {cfg.target_params:.0%} of the teacher's parameters: {recursion.rank_text}")
         recursion = dataclasses.replace(recursion, init=init)
         if curvature:
             from .curvature import with_curvature
 
             log(f"      output curvature of the teacher on {fit_seqs.numel()} tokens")
             stats = with_curvature(stats, teacher, fit_seqs)
+        if auto or (auto_loops and cfg.allocate and curvature):
+            # Per-linear ranks; with the curvature, by the distillation loss each component removes.
+            from .allocate import allocate_ranks, parameter_count
+
+            target = cfg.target_params if auto else parameter_count(teacher, recursion) / sum(
+                p.numel() for p in teacher.parameters())
+            try:
+                ranks = allocate_ranks(teacher, recursion, stats, target, damp=cfg.damp)
+            except ValueError as e:
+                raise CompressError(str(e)) from e
+            recursion = dataclasses.replace(recursion, lora_rank=0, rank_pattern=ranks)
+            log(f"      ranks for {target:.1%} of the teacher's parameters, per linear: {recursion.rank_text}")
         stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {init}, rank {recursion.rank_text}, "
               "calibrated" + (" on both sides" if curvature else "")
               + (", then sequential refit" if sequential else ""))

@@ -24,6 +24,7 @@ def compress(
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens of --data to calibrate the conversion on."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Refit each position's LoRA in order on the converted model's own inputs before training (GPTQ-style; a few minutes, worth far more distillation time)."),
     curvature: bool = typer.Option(True, "--curvature/--no-curvature", help="Also weigh each LoRA fit's output directions by how much the teacher's predictions notice them (K-FAC's output-gradient covariance, from backward passes over 8192 calibration tokens): a lower perplexity before training for a few more minutes of preparation, which in the README's 60-minute SmolLM2 run paid for itself. Dropped when the budget is short, right after the layout search."),
+    allocate: bool = typer.Option(True, "--allocate-ranks/--uniform-ranks", help="With --loops auto and the curvature: give each linear (q, k, v, o, gate, up, down) its own rank within the chosen layout's size, by the distillation loss each component removes (the curvature-weighted spectra), instead of one rank for all. In the README's SmolLM2 measurement it moves rank from attention to the MLPs."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training/evaluation sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(1e-4, help="Peak learning rate of the distillation, reached after at least 5 warm-up steps (lower than recursify train's: a calibrated start is already close; see the README's learning-rate sweep)."),
@@ -60,7 +61,7 @@ def compress(
             loops = int(loops)
         cfg = CompressConfig(model=model, out=out_dir, data=split_list(data), heldout=split_list(heldout) or None,
                              loops=loops, strategy=strategy, init=init, lora_rank=lora_rank, target_params=target_params,
-                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, curvature=curvature, seq_len=seq_len,
+                             time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, curvature=curvature, allocate=allocate, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
                              hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
                              baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite)
