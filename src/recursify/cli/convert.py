@@ -33,7 +33,7 @@ def convert(
     loops: int = typer.Option(2, "--loops", "-B", help="Number of loops B; K = L / B unique layers. B must divide L."),
     strategy: str = typer.Option("cycle", help="Layer-to-slot map: cycle (ABC|ABC), sequence (AA|BB|CC), middle_cycle, middle_sequence."),
     init: str = typer.Option("stepwise", help="Shared-weight init: stepwise, average, lower, random, or calibrated (with --calibrate: fitted jointly with the LoRA to what the layers' outputs see)."),
-    lora_rank: str = typer.Option("0", "--lora-rank", "-r", help="Per-position LoRA rank: 0 (plain recursive), an integer, 'full' (exact), or 'auto' (a rank per linear from the calibrated spectra, to fit --target-params; needs --calibrate)."),
+    lora_rank: str = typer.Option("0", "--lora-rank", "-r", help="Per-position LoRA rank: 0 (plain recursive), an integer, 'full' (exact), or 'auto' (a rank per linear from the calibrated spectra, to fit --target-params; needs --calibrate; with --curvature the spectra are weighed by it, which is what compress uses)."),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="With --lora-rank auto: the converted model's size as a fraction of the source's parameters, e.g. 0.75."),
     lora_init: str = typer.Option("svd", help="LoRA init: svd (truncated SVD of W_l - W_shared) or zero."),
     variant: str = typer.Option("relaxed", help="relaxed (Relaxed Recursive Transformer) or residual (ResidualTransformer)."),
@@ -90,14 +90,6 @@ def convert(
         if damp < 0:
             raise CLIError(f"--damp must be >= 0, got {damp}")
         stats = gather(teacher, tokenizer, split_list(calibrate), num_tokens=calib_tokens)
-        if auto:
-            import dataclasses
-
-            from ..allocate import allocate_ranks
-
-            ranks = allocate_ranks(teacher, recursion, stats, target_params, damp=damp)
-            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
-            console.print("ranks: " + ", ".join(f"{k} {v}" for k, v in ranks.items()))
         if sequential or curvature:  # the refit's and the curvature's tokens
             from ..calibrate import calibration_sequences
 
@@ -106,6 +98,14 @@ def convert(
             from ..curvature import with_curvature
 
             stats = with_curvature(stats, teacher, fit_seqs)
+        if auto:  # with the curvature, by the distillation loss each component removes
+            import dataclasses
+
+            from ..allocate import allocate_ranks
+
+            ranks = allocate_ranks(teacher, recursion, stats, target_params, damp=damp)
+            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
+            console.print("ranks: " + ", ".join(f"{k} {v}" for k, v in ranks.items()))
     t1 = time.time()
     student = rf.convert(teacher, recursion, progress=True, calibration=stats, damp=damp)
     if sequential:
