@@ -7,7 +7,7 @@ import torch
 from tiny_models import make
 
 import recursify as rf
-from recursify.allocate import allocate_ranks, parameter_count, relative_spectra
+from recursify.allocate import allocate_ranks, component_gains, parameter_count
 from recursify.calibrate import activation_aware_factors, collect_stats, fit_shared
 from recursify.config import ConfigError
 
@@ -113,7 +113,7 @@ def test_allocated_ranks_fit_the_budget_and_keep_more_energy_than_uniform(calibr
                "down": layer.mlp.down_proj}
     open_costs = [6 * sum(m.weight.shape) for n, m in weights.items() if ranks[n] < min(m.weight.shape)]
     assert 0 <= spare < min(open_costs)
-    spectra = relative_spectra(source, cfg, stats)
+    spectra = component_gains(source, cfg, stats)
     uniform_ranks = {n: min(6, len(s)) for n, s in spectra.items()}
     assert captured_energy(spectra, ranks) > captured_energy(spectra, uniform_ranks)
     # The model built from the pattern has exactly the counted parameters.
@@ -146,7 +146,7 @@ def test_with_curvature_the_gains_are_the_fisher_weighted_errors_each_rank_remov
 
     source, stats = curved_llama
     cfg = rf.RecursionConfig(num_loops=2, init="average")
-    spectra = relative_spectra(source, cfg, stats)
+    spectra = component_gains(source, cfg, stats)
     layers = source.model.layers
     for name, path in [("q", "self_attn.q_proj"), ("v", "self_attn.v_proj"), ("down", "mlp.down_proj")]:
         W = torch.stack([layer.get_submodule(path).weight.double() for layer in layers])

@@ -38,7 +38,7 @@ def parameter_count(source, recursion: RecursionConfig) -> int:
 
 
 @torch.no_grad()
-def relative_spectra(source, recursion: RecursionConfig, calibration: CalibrationStats,
+def component_gains(source, recursion: RecursionConfig, calibration: CalibrationStats,
                      damp: float = 0.01) -> dict[str, torch.Tensor]:
     """Per target linear, the output error each successive component removes, summed over positions:
     [min(d_in, d_out)], non-increasing. Without curvature each position's error is a fraction of its
@@ -82,8 +82,8 @@ def relative_spectra(source, recursion: RecursionConfig, calibration: Calibratio
 
 def allocate_ranks(source, recursion: RecursionConfig, calibration: CalibrationStats, target_params: float,
                    damp: float = 0.01) -> dict[str, int]:
-    """Per-linear ranks (a `rank_pattern`) keeping the most output energy within
-    `target_params` x the source model's parameters."""
+    """Per-linear ranks (a `rank_pattern`) removing the most output error within `target_params` x the
+    source model's parameters: Fisher-weighted when `calibration` has the curvature, else relative."""
     if not 0 < target_params <= 1:
         raise ConfigError(f"--target-params is a fraction of the source model's parameters in (0, 1], got {target_params}")
     teacher = sum(p.numel() for p in {id(p): p for p in source.parameters()}.values())
@@ -94,7 +94,7 @@ def allocate_ranks(source, recursion: RecursionConfig, calibration: CalibrationS
     if budget < 0:
         raise ConfigError(f"--target-params {target_params:g} is {target_params * teacher / 1e6:.1f}M parameters, but even "
                           f"rank 0 has {base / 1e6:.1f}M ({base / teacher:.1%} of the source): use more loops or a larger target")
-    spectra = relative_spectra(source, recursion, calibration, damp)
+    spectra = component_gains(source, recursion, calibration, damp)
     positions = len(list(source.get_submodule(family.layers)))
     layer = next(iter(source.get_submodule(family.layers)))
     cost = {}
