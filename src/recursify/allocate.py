@@ -22,7 +22,7 @@ import heapq
 
 import torch
 
-from .calibrate import OUT_DAMP, CalibrationStats, _damped
+from .calibrate import OUT_DAMP, CalibrationStats, _damped, psd_root
 from .config import ConfigError, Layout, RecursionConfig
 from .families import detect_family
 from .modeling import RecursiveForCausalLM, lora_targets
@@ -62,15 +62,12 @@ def component_gains(source, recursion: RecursionConfig, calibration: Calibration
         D = (W - shared[list(layout.slot_of_position)]).double()
         fisher = calibration.out_of(name) is not None
         if fisher:  # G^{1/2} Delta, with G damped as the conversion damps it
-            w, Q = torch.linalg.eigh(_damped(calibration.out_of(name).to(D), OUT_DAMP))
-            D = (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(1, 2) @ D
+            D = psd_root(_damped(calibration.out_of(name).to(D), OUT_DAMP)) @ D
         out_f, in_f = D.shape[1:]
         if out_f <= in_f:
             ev = torch.linalg.eigvalsh(D @ C @ D.transpose(1, 2))
         else:
-            w, Q = torch.linalg.eigh(C)
-            root = (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(1, 2)
-            M = D @ root
+            M = D @ psd_root(C)
             ev = torch.linalg.eigvalsh(M.transpose(1, 2) @ M)
         gains = ev.flip(-1).clamp(min=0)
         if not fisher:

@@ -219,6 +219,12 @@ def load_or_compute(path: Path, load, compute, save):
 OUT_DAMP = 0.1  # ridge on the output curvature G, as a fraction of its mean diagonal
 
 
+def psd_root(matrix: torch.Tensor) -> torch.Tensor:
+    """M^{1/2} of symmetric positive semi-definite matrices [..., n, n] (negative rounding clipped)."""
+    w, Q = torch.linalg.eigh(matrix)
+    return (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+
 @torch.no_grad()
 def activation_aware_factors(
     delta: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 0.01, out_cov: torch.Tensor | None = None,
@@ -250,9 +256,7 @@ def activation_aware_factors(
         _, U = torch.linalg.eigh(D @ C @ D.transpose(1, 2))
         U = U.flip(-1)[..., :rank]
     else:
-        w, Q = torch.linalg.eigh(C)
-        root = (Q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.transpose(1, 2)  # C^{1/2}
-        M = D @ root
+        M = D @ psd_root(C)
         s2, V = torch.linalg.eigh(M.transpose(1, 2) @ M)
         V, s = V.flip(-1)[..., :rank], s2.flip(-1)[..., :rank].clamp(min=0).sqrt()
         keep = s > s.amax(-1, keepdim=True).clamp(min=1e-300) * 1e-10

@@ -313,8 +313,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
             log(f"      output curvature of the teacher on {fit_seqs.numel()} tokens")
             stats = with_curvature(stats, teacher, fit_seqs)
-        if auto or (auto_loops and cfg.allocate and curvature):
-            # Per-linear ranks; with the curvature, by the distillation loss each component removes.
+        if (auto and not searching) or (curvature and (auto or (auto_loops and cfg.allocate))):
+            # Per-linear ranks; with the curvature, by the distillation loss each component removes (the
+            # search already allocated its layouts' ranks without it).
             from .allocate import allocate_ranks, parameter_count
 
             target = cfg.target_params if auto else parameter_count(teacher, recursion) / sum(
