@@ -193,6 +193,7 @@ def main(argv=None) -> int:
             max_tokens=10**9, seq_len=args.seq_len, batch_size=batch, lr=lr, warmup_steps=5,
             trainable=trainable, hidden_weight=hidden, shared_lr_scale=shared_lr_scale,
             eval_every=max(1, args.eval_every * args.batch_size // batch), eval_tokens=args.eval_tokens, save_every=-1, max_time=max(1.0, budget - clock),
+            eval_pauses_clock=True,
             progress=False))
         kd_clock = clock
         for rec in map(json.loads, (kd_out / "metrics.jsonl").read_text().splitlines()):

@@ -104,6 +104,9 @@ class TrainConfig:
     max_time: float = _f(0.0, "Wall-clock budget in seconds for the training steps (0: none). The run ends by then with "
                               "a finished model: after a few steps the step count is re-fitted to the measured step "
                               "time (never above max_tokens' steps), so the LR schedule decays by the deadline.")
+    eval_pauses_clock: bool = _f(False, "Count only the training steps against max_time, not the held-out "
+                                        "evaluations: recipes whose evaluation is slower then still get equal "
+                                        "training time (benchmarks); off, max_time is wall clock (compress).")
     kd_chunk_elements: int = _f(1 << 26, "Logit elements (rows x vocab) per loss chunk: lower it to save memory.")
 
     def to_dict(self) -> dict:
@@ -171,7 +174,7 @@ class TrainConfig:
 
 def fit_steps_to_time(step: int, seconds_left: float, seconds_per_step: float, max_steps: int) -> int:
     """The step count that ends a time-budgeted run by its deadline: at least one more step, at
-    most `max_steps`. Evaluation time is already inside `seconds_per_step` (it is wall time)."""
+    most `max_steps`. `seconds_per_step` holds the evaluation time too unless it pauses the clock."""
     more = int(max(0.0, seconds_left) / max(seconds_per_step, 1e-9))
     return max(step + 1, min(max_steps, step + more))
 

@@ -378,8 +378,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             train_s = time.perf_counter() - t_start - eval_s
             bar.set_postfix(loss=f"{loss:.4f}", kd=f"{kd:.4f}", tok_s=f"{run_tokens / train_s:.0f}")
             if cfg.max_time > 0 and (step - start_step) % 3 == 0:
-                fitted = fit_steps_to_time(step, cfg.max_time - (time.perf_counter() - t_start),
-                                           (time.perf_counter() - t_start) / (step - start_step), total_steps)
+                spent = time.perf_counter() - t_start - (eval_s if cfg.eval_pauses_clock else 0.0)
+                fitted = fit_steps_to_time(step, cfg.max_time - spent, spent / (step - start_step), total_steps)
                 if world > 1:  # every rank must run the same number of steps
                     fitted = int(accelerator.reduce(torch.tensor([fitted], device=accelerator.device), "min").item())
                 plan["total"] = fitted
