@@ -206,6 +206,8 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
     # each model at its own peak rate, both warmed up over at least 5 steps
     assert [(name, tc.lr) for name, tc in runs] == [("kd", 1e-2), ("baseline", 2e-3)] and base["lr"] == 2e-3
     assert all(tc.warmup_steps >= 5 for _, tc in runs) and f"tokens, lr 0.002) |" in md
+    kept, _ = rf.load_pretrained(str(out / "baseline"))  # the plain model is kept beside the compressed one
+    assert kept.config.num_hidden_layers == base["layers"] and sum(p.numel() for p in kept.parameters()) == base["params"]
     gap = 100 * (s["paper"]["teacher"]["average"] - s["paper"]["student"]["average"])
     assert f"average is {gap:.1f} points below the teacher's" in md
     assert ("Distillation: KD on the logits + hidden-state distillation at weight 0.5 + aggressive early-exit losses, "

@@ -423,10 +423,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         models["baseline"] = load_pretrained(str(base_dir), device=device)[0]
     m = measure(models, tok, stream, cfg.seq_len, cfg.paper_tasks, log)
     summary = build_summary(asdict(cfg), state, m, models, len(stream), clock.spent)
-    with atomic_dir(out) as tmp:
-        for f in kd_dir.iterdir():
-            if f.is_file() and f.name not in ("train_config.json",):
-                shutil.copy2(f, tmp / f.name)
+    with atomic_dir(out) as tmp:  # the compressed model; with --baseline the plain one in baseline/
+        for src, dst in [(kd_dir, tmp)] + ([(base_dir, tmp / "baseline")] if cfg.baseline else []):
+            dst.mkdir(exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and f.name not in ("train_config.json",):
+                    shutil.copy2(f, dst / f.name)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         (tmp / "summary.md").write_text(render_summary(summary))
     shutil.rmtree(work, ignore_errors=True)

@@ -22,10 +22,9 @@ Exactness of resume rests on three facts: batches are a pure function of (seed, 
 the exact model and optimizer tensors. So a run killed at any point and resumed logs the same
 per-step losses as one that never stopped (checked by tests/test_train.py with a real kill).
 
-Signals: the first SIGTERM/SIGINT sets a flag; the step in flight finishes, a checkpoint is
-written, and :func:`train` returns with ``interrupted`` set; ``main`` then exits with 128 + the
-signal number (143 for SIGTERM, 130 for SIGINT), so schedulers see an unfinished run. A second
-SIGINT aborts at once.
+Signals: the first SIGTERM/SIGINT sets a flag; the step in flight finishes, a checkpoint is written,
+and :func:`train` returns with ``interrupted`` set; ``main`` then exits with 128 + the signal number
+(143 for SIGTERM, 130 for SIGINT), so schedulers see an unfinished run. A second SIGINT aborts.
 """
 
 from __future__ import annotations
@@ -320,8 +319,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     """
     from tqdm.auto import tqdm
 
+    from ..cpu_heap import keep_freed_memory
     from ..data import batches
 
+    keep_freed_memory()  # each step frees and allocates the same large buffers: keep them in the heap
     run = _setup(cfg)
     accelerator, out = run.accelerator, Path(cfg.out)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
