@@ -160,6 +160,33 @@ def test_eval_reports_exits_and_agreement(tiny, tmp_path):
     assert set(result["exit_ppl"]) == {"1", "2"}
 
 
+def test_eval_stride_equal_to_seq_len_scores_disjoint_windows(tiny, tmp_path):
+    """--stride = --seq-len scores disjoint windows, as compress's summary does: the mean of the
+    model's own loss over the 32-token chunks of the held-out tokens."""
+    import json
+    import math
+
+    import torch
+
+    import recursify as rf
+    from recursify.data import DataConfig, build_datasets
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(f"word{i % 17} and more text {i}." for i in range(400)))
+    res = run("eval", str(tiny), "--data", str(text), "--seq-len", "32", "--max-tokens", "256", "--stride", "32",
+              "--tasks", "ppl", "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    ppl = json.loads((tmp_path / "r.json").read_text())["ppl"]["ppl"]
+    model, tok = rf.load_pretrained(str(tiny))
+    heldout, _ = build_datasets(DataConfig(sources=[str(text)], seq_len=32, heldout_fraction=0.0, max_tokens=256), tok)
+    chunks = torch.as_tensor(heldout.read_tokens(0, 256).astype("int64")).view(-1, 32)
+    with torch.no_grad():
+        losses = [model(c[None], labels=c[None]).loss.item() for c in chunks]  # 31 predictions each
+    assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
+    assert_clean_error(run("eval", str(tiny), "--data", str(text), "--seq-len", "32", "--stride", "33", "--tasks", "ppl"),
+                       "--stride must be between 1 and --seq-len (32), got 33")
+
+
 def test_eval_unknown_task(tiny):
     assert_clean_error(run("eval", str(tiny), "--tasks", "mmlu"), "unknown task 'mmlu'")
 

@@ -19,6 +19,9 @@ def eval_command(
     train_data: Optional[str] = typer.Option(None, help="Training data, to warn if held-out sequences overlap it."),
     seq_len: int = typer.Option(512, help="Context length for perplexity windows and agreement."),
     max_tokens: int = typer.Option(16384, help="Held-out tokens to score."),
+    stride: Optional[int] = typer.Option(None, help="Tokens between perplexity windows (default: half of --seq-len, "
+                                         "so every window after the first has that much context; --stride equal to "
+                                         "--seq-len scores disjoint windows, as compress's summary does)."),
     limit: Optional[int] = typer.Option(None, help="Items per lm-eval benchmark (quick runs)."),
     batch_size: int = typer.Option(4),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
@@ -31,7 +34,7 @@ def eval_command(
         require("lm_eval", f"recursify eval --tasks {tasks}")
     cfg = EvalConfig(
         model=model, data=split_list(data), teacher=teacher, tasks=split_list(tasks), train_data=split_list(train_data),
-        seq_len=seq_len, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
+        seq_len=seq_len, max_tokens=max_tokens, stride=stride, limit=limit, batch_size=batch_size,
     )
     result = evaluate(cfg, console=console)
     out.print(format_result(result))

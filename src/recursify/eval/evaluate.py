@@ -30,6 +30,8 @@ class EvalConfig:
     train_data: list[str] = field(default_factory=list)  # to warn about train/held-out overlap
     seq_len: int = 512
     max_tokens: int = 16_384  # held-out tokens scored (perplexity, agreement)
+    stride: int | None = None  # tokens between perplexity windows: None is half the context; the context
+    # itself gives disjoint windows, as `recursify compress` and the trainer score
     cloze_items: int = 200
     limit: int | None = None  # items per lm-eval task
     batch_size: int = 4
@@ -81,6 +83,8 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         raise EvalError("these metrics need held-out text: pass --data")
     if "agreement" in ours and not cfg.teacher:
         raise EvalError("agreement needs --teacher")
+    if cfg.stride is not None and not 1 <= cfg.stride <= cfg.seq_len:
+        raise EvalError(f"--stride must be between 1 and --seq-len ({cfg.seq_len}), got {cfg.stride}")
 
     def status(msg):
         return console.status(msg) if console is not None else _null()
@@ -119,17 +123,18 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
                 (console.print(msg) if console else print(msg))
 
     context = min(cfg.seq_len, getattr(model.config, "max_position_embeddings", cfg.seq_len))
+    stride = min(cfg.stride or context // 2, context)
     if "ppl" in ours:
         with status("perplexity"):
-            result["ppl"] = perplexity(model, stream, context_len=context, stride=context // 2, batch_size=cfg.batch_size)
+            result["ppl"] = perplexity(model, stream, context_len=context, stride=stride, batch_size=cfg.batch_size)
             if teacher is not None:
-                result["teacher_ppl"] = perplexity(teacher, stream, context_len=context, stride=context // 2, batch_size=cfg.batch_size)
+                result["teacher_ppl"] = perplexity(teacher, stream, context_len=context, stride=stride, batch_size=cfg.batch_size)
     is_recursive = isinstance(model, rf.RecursiveForCausalLM)
     if "exits" in ours and is_recursive and model.layout.loopable:
         result["exit_ppl"] = {}
         for b in range(1, model.layout.num_loops + 1):
             with status(f"perplexity at exit {b}"):
-                r = perplexity(ExitView(model, b), stream, context_len=context, stride=context // 2, batch_size=cfg.batch_size)
+                r = perplexity(ExitView(model, b), stream, context_len=context, stride=stride, batch_size=cfg.batch_size)
             result["exit_ppl"][b] = r["ppl"]
             if teacher is not None:
                 seqs = stream[: (stream.numel() // context) * context].view(-1, context)[:8]
