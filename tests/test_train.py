@@ -212,7 +212,9 @@ def test_fit_steps_to_time_by_hand():
 
     assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=100) == 8
     assert fit_steps_to_time(step=3, seconds_left=10.0, seconds_per_step=2.0, max_steps=5) == 5
-    assert fit_steps_to_time(step=3, seconds_left=-1.0, seconds_per_step=2.0, max_steps=100) == 4  # one more, never 0
+    assert fit_steps_to_time(step=3, seconds_left=-1.0, seconds_per_step=2.0, max_steps=100) == 3  # past it: stop now
+    # a checkpoint after step 5 costs 10 s: steps 4-8 cost 5 x 2 + 10 = 20 s
+    assert fit_steps_to_time(step=3, seconds_left=20.0, seconds_per_step=2.0, max_steps=100, save_every=5, save_s=10.0) == 8
 
 
 def test_time_budget_ends_with_a_finished_model_and_a_decayed_lr(fx, tmp_path, monkeypatch):
@@ -263,6 +265,39 @@ def test_evaluations_pause_the_clock_only_when_asked(fx, tmp_path, monkeypatch):
     paused = steps("paused", eval_every=3, eval_pauses_clock=True)
     assert wall < no_evals / 3
     assert abs(paused - no_evals) <= 3
+
+
+def test_wall_clock_budget_keeps_room_for_the_final_saves(fx, tmp_path, monkeypatch):
+    """On wall time, max_time covers the whole call: with 5 s steps, 10 s checkpoints every 5 steps
+    and a 5 s final save on a fake clock that moves only by them, a 120 s run plans its steps around
+    the checkpoints and ends by the deadline, final saves included; counting the steps only
+    (eval_pauses_clock), the final saves overrun it."""
+    import recursify.train.trainer as trainer_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock["t"])
+
+    def slow(real, seconds):
+        def wrapped(*args, **kwargs):
+            clock["t"] += seconds
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(trainer_mod, "_step", slow(trainer_mod._step, 5.0))
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", slow(trainer_mod.save_checkpoint, 10.0))
+    monkeypatch.setattr(trainer_mod, "_save_final", slow(trainer_mod._save_final, 5.0))
+
+    def seconds(name: str, **kw) -> float:
+        t0 = clock["t"]
+        train(config(fx, tmp_path / name, max_tokens=8 * SEQ * 1000, max_time=120.0, warmup_steps=0, eval_every=-1,
+                     save_every=5, **kw))
+        return clock["t"] - t0
+
+    # By hand: after step 12 (80 s: 12 steps, 2 checkpoints) 20 s are left once the final checkpoint
+    # and model are reserved (2 x 10 s); step 15 would bring a checkpoint, so the run stops at step 14
+    # (90 s), then saves (10 s + 5 s).
+    assert seconds("wall") == 105.0
+    assert seconds("steps", eval_pauses_clock=True) > 120.0
 
 
 def changed_weights(fx: Path, out: Path) -> set[str]:
@@ -564,15 +599,13 @@ def test_save_every_minus_one_keeps_only_the_final_model(fx, tmp_path):
 def test_shared_lr_scale_sets_the_first_adamw_step_of_shared_weights():
     """Adam's first step moves every weight with a gradient by exactly its group's lr (m/sqrt(v) = sign g),
     so with no weight decay the largest change is lr for the LoRA and lr * shared_lr_scale for slots.*."""
-    from types import SimpleNamespace
-
-    from recursify.train.trainer import _optimizer
+    from recursify.train.optim import build_optimizer
 
     torch.manual_seed(0)
     student = rf.convert(make("llama"), rf.RecursionConfig(num_loops=2, lora_rank=4), progress=False)
     cfg = TrainConfig(student="x", lr=1e-3, shared_lr_scale=0.25, weight_decay=0.0)
     cfg.validate()
-    optimizer = _optimizer(SimpleNamespace(cfg=cfg, student=student))
+    optimizer = build_optimizer(cfg, student)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     student(torch.randint(0, COMMON["vocab_size"], (2, 8)), use_cache=False).logits.square().mean().backward()
     optimizer.step()

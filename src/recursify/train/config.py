@@ -106,7 +106,8 @@ class TrainConfig:
                               "time (never above max_tokens' steps), so the LR schedule decays by the deadline.")
     eval_pauses_clock: bool = _f(False, "Count only the training steps against max_time, not the held-out "
                                         "evaluations: recipes whose evaluation is slower then still get equal "
-                                        "training time (benchmarks); off, max_time is wall clock (compress).")
+                                        "training time (benchmarks); off, max_time is wall clock from the call "
+                                        "to the saved model, loading and the final checkpoint included (compress).")
     kd_chunk_elements: int = _f(1 << 26, "Logit elements (rows x vocab) per loss chunk: lower it to save memory.")
 
     def to_dict(self) -> dict:
@@ -172,11 +173,21 @@ class TrainConfig:
 # step count is refitted to the measured speed.
 
 
-def fit_steps_to_time(step: int, seconds_left: float, seconds_per_step: float, max_steps: int) -> int:
-    """The step count that ends a time-budgeted run by its deadline: at least one more step, at
-    most `max_steps`. `seconds_per_step` holds the evaluation time too unless it pauses the clock."""
-    more = int(max(0.0, seconds_left) / max(seconds_per_step, 1e-9))
-    return max(step + 1, min(max_steps, step + more))
+def fit_steps_to_time(step: int, seconds_left: float, seconds_per_step: float, max_steps: int,
+                      save_every: int = 0, save_s: float = 0.0) -> int:
+    """The step count that ends a time-budgeted run by its deadline: `step` itself (stop now) once
+    no further step fits, at most `max_steps`. `seconds_per_step` holds the evaluation time too
+    unless it pauses the clock; a checkpoint every `save_every` steps costs `save_s` where it falls."""
+
+    def cost(more: int) -> float:
+        saves = (step + more) // save_every - step // save_every if save_every > 0 else 0
+        return more * seconds_per_step + saves * save_s
+
+    lo, hi = 0, max(0, max_steps - step)  # the most further steps that fit: cost() grows with them
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid - 1)
+    return step + lo
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:

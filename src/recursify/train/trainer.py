@@ -50,26 +50,9 @@ from .config import (RUN_IDENTITY, TEACHER_DTYPES, TrainConfig, TrainError, buil
                      warn)
 from .losses import LossConfig, distillation_loss
 from .metrics import MetricsLog, evaluate, format_ppl, plot_metrics
+from .optim import build_optimizer
 
 __all__ = ["Distiller", "main", "train"]
-
-
-def _is_trainable(name: str, mode: str) -> bool:
-    """Parameter groups by name: slots.* shared weights, lora.*/diag.* relaxation, the rest embeddings/norms/head."""
-    if mode == "all":
-        return True
-    if mode == "body":  # the recursive model's names and a plain Hugging Face model's
-        return not {"embed_tokens", "lm_head", "embed_in", "embed_out"} & set(name.split("."))
-    if mode == "lora":
-        return name.startswith(("lora.", "diag."))
-    if mode == "shared":
-        return name.startswith("slots.")
-    return name.startswith(("lora.", "diag.", "norm_", "bias.", "final_norm"))  # norms
-
-
-def _decays(name: str) -> bool:
-    """No weight decay on norms, biases and diagonals (they are gains/offsets, not projections)."""
-    return not ("norm" in name or "bias" in name or name.startswith("diag."))
 
 
 class Distiller(nn.Module):
@@ -228,24 +211,6 @@ def _open_out_dir(run: Setup) -> Path | None:
     return ckpt
 
 
-def _optimizer(run: Setup) -> torch.optim.Optimizer:
-    """AdamW over the parameters `trainable` selects, without decay on gains and offsets."""
-    cfg, student = run.cfg, run.student
-    for name, p in student.named_parameters():
-        p.requires_grad_(_is_trainable(name, cfg.trainable))
-    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    if not params:
-        raise TrainError(f"trainable={cfg.trainable!r} selects no parameter of this student")
-    groups = [  # (decay or not) x (shared weight or not): shared weights may take a smaller step
-        {"params": [p for n, p in params if _decays(n) == decay and n.startswith("slots.") == shared],
-         "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * (cfg.shared_lr_scale if shared else 1.0)}
-        for decay in (True, False) for shared in (False, True)
-    ]
-    student.train()
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=torch.cuda.is_available() or None)
-
-
 # ------------------------------------------------------------------------------------------------
 # 3. Step and 4. evaluate
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +287,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     from ..cpu_heap import keep_freed_memory
     from ..data import batches
 
+    t_enter = time.perf_counter()  # on wall time, max_time counts from here: loading and the final saves too
     keep_freed_memory()  # each step frees and allocates the same large buffers: keep them in the heap
     run = _setup(cfg)
     accelerator, out = run.accelerator, Path(cfg.out)
@@ -330,7 +296,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
 
     ckpt = _open_out_dir(run)
     start_step = restore_model(ckpt, run.student, run.is_fsdp) if ckpt is not None else 0
-    optimizer = _optimizer(run)
+    optimizer = build_optimizer(run.cfg, run.student)
     # `plan` holds the step count; with max_time it is re-fitted to the measured speed (see below).
     plan = {"total": total_steps}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
@@ -352,9 +318,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     log = bar.write if (main and cfg.progress) else (lambda s: None)
     result: dict = {"out": str(out), "total_steps": total_steps, "interrupted": None}
     last_eval = None
+    # The last evaluation's and checkpoint's durations: on wall time the deadline keeps room for the
+    # final evaluation, the final checkpoint and the saved model, which come after the last step.
+    timings = {"eval": 0.0, "save": 0.0, "saves": 0.0}
     try:
         if cfg.eval_every >= 0 and start_step == 0:
+            t_eval = time.perf_counter()
             last_eval = evaluate(model, run.heldout_ds, cfg, accelerator, run.micro)
+            timings["eval"] = time.perf_counter() - t_eval
             metrics.write({"kind": "eval", "step": 0, "tokens": 0, **last_eval})
             log(f"step 0: held-out ppl {format_ppl(last_eval)}")
 
@@ -379,8 +350,15 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             train_s = time.perf_counter() - t_start - eval_s
             bar.set_postfix(loss=f"{loss:.4f}", kd=f"{kd:.4f}", tok_s=f"{run_tokens / train_s:.0f}")
             if cfg.max_time > 0 and (step - start_step) % 3 == 0:
-                spent = time.perf_counter() - t_start - (eval_s if cfg.eval_pauses_clock else 0.0)
-                fitted = fit_steps_to_time(step, cfg.max_time - spent, spent / (step - start_step), total_steps)
+                now = time.perf_counter()
+                steps_s = now - t_start - (eval_s if cfg.eval_pauses_clock else 0.0)
+                per_step = (steps_s - timings["saves"]) / (step - start_step)  # checkpoints where they fall
+                if cfg.eval_pauses_clock:
+                    left = cfg.max_time - steps_s
+                else:
+                    finish = 2 * timings["save"] + (timings["eval"] if cfg.eval_every >= 0 else 0.0)
+                    left = cfg.max_time - (now - t_enter) - finish
+                fitted = fit_steps_to_time(step, left, per_step, total_steps, cfg.save_every, timings["save"])
                 if world > 1:  # every rank must run the same number of steps
                     fitted = int(accelerator.reduce(torch.tensor([fitted], device=accelerator.device), "min").item())
                 plan["total"] = fitted
@@ -393,7 +371,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 or (cfg.eval_every >= 0 and step == plan["total"]):
                 t_eval = time.perf_counter()
                 last_eval = evaluate(model, run.heldout_ds, cfg, accelerator, run.micro)
-                eval_s += time.perf_counter() - t_eval
+                timings["eval"] = time.perf_counter() - t_eval
+                eval_s += timings["eval"]
                 metrics.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step, **last_eval})
                 log(f"step {step}: held-out ppl {format_ppl(last_eval)}")
 
@@ -402,8 +381,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
                 signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), "sum").item())
             periodic = cfg.save_every > 0 and step % cfg.save_every == 0
             if periodic or (step == plan["total"] and cfg.save_every >= 0) or signum:
+                t_save = time.perf_counter()
                 path = save_checkpoint(out, step, step * tokens_per_step, accelerator, model, optimizer, scheduler,
                                        cfg.keep_last, run.is_fsdp)
+                timings["save"] = time.perf_counter() - t_save
+                timings["saves"] += timings["save"]
                 log(f"saved {path}")
             if signum:
                 sig_name = signal.Signals(stop["signal"] or signal.SIGTERM).name
