@@ -2,7 +2,7 @@
 
 The KD step `recursify compress` runs (teacher forward without grad, student forward + KL loss +
 backward + AdamW, batch 4 x 256) on SmolLM2-135M's 75 % students, each model and allocator
-setting in its own process (the setting cannot be undone inside one): the recursive student
+setting in its own process (the peak memory of one would count for the other): the recursive student
 (30 loops, the per-linear ranks `compress --time-budget 60m` chose) and the parameter-matched plain
 model (20 of the 30 layers). Per step: wall seconds (median after the warm-up steps), page faults,
 and CPU seconds spent in the kernel; per process: peak resident memory.
@@ -13,6 +13,7 @@ and CPU seconds spent in the kernel; per process: peak resident memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -26,10 +27,11 @@ def child(model: str, keep: bool, steps: int, warmup: int) -> dict:
     import resource
     import time
 
+    heap = contextlib.ExitStack()  # held for the whole child: the setting lasts while it is open
     if keep:
         from recursify.cpu_heap import keep_freed_memory
 
-        assert keep_freed_memory(), "glibc's mallopt refused"
+        assert heap.enter_context(keep_freed_memory()), "glibc's mallopt refused"
     import torch
 
     import recursify as rf

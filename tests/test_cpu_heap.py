@@ -1,4 +1,5 @@
-"""keep_freed_memory: a freed large buffer is reused instead of faulted in again (kernel counters)."""
+"""keep_freed_memory: inside it a freed large buffer is reused instead of faulted in again (kernel
+counters); leaving it gives the memory back."""
 
 import platform
 import subprocess
@@ -16,7 +17,10 @@ PROBE = """
 import resource, sys, torch
 if sys.argv[1] == "1":
     from recursify.cpu_heap import keep_freed_memory
-    assert keep_freed_memory() and keep_freed_memory()  # a second call is a no-op that still says True
+    heap = keep_freed_memory()
+    assert heap.__enter__()
+    with keep_freed_memory() as nested:  # a nested block keeps the outer one's setting
+        assert nested
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():
     x = torch.ones(32 * 2**20)
@@ -38,3 +42,23 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     if off < 12 * 1000:
         pytest.skip(f"this kernel faulted only {off} times in 12 steps without it (huge pages): nothing to compare")
     assert on < off / 3, (on, off)  # a few steps of growth against all 12
+
+
+# Frees a 256 MB tensor inside the block and prints the resident memory (MB) there and after it.
+RELEASE = """
+import os, torch
+from recursify.cpu_heap import keep_freed_memory
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+with keep_freed_memory() as on:
+    assert on
+    x = torch.ones(64 * 2**20)
+    del x
+    inside = rss()
+print(inside, rss())
+"""
+
+
+def test_leaving_the_block_returns_the_freed_memory():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
+    inside, after = map(int, out.stdout.split()[-2:])
+    assert inside - after > 200, (inside, after)  # the freed 256 MB stayed resident inside, not after

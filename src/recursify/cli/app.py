@@ -115,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI (every command module is registered once `recursify.cli` is imported)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    from ..cpu_heap import keep_freed_memory
-
-    keep_freed_memory()  # every command allocates and frees the same large tensors over and over
     try:
         app(args=argv, standalone_mode=False)
         return 0

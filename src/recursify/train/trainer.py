@@ -282,13 +282,20 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     ``on_step(record)`` is called on every process after each optimizer step with that step's
     metrics record (for notebooks, tests, custom logging).
     """
-    from tqdm.auto import tqdm
-
     from ..cpu_heap import keep_freed_memory
-    from ..data import batches
 
     t_enter = time.perf_counter()  # on wall time, max_time counts from here: loading and the final saves too
-    keep_freed_memory()  # each step frees and allocates the same large buffers: keep them in the heap
+    # Each step frees and allocates the same large buffers: keep them in the heap while the run's
+    # tensors live, and give the memory back once they are gone.
+    with keep_freed_memory():
+        return _train(cfg, on_step, t_enter)
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: float) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..data import batches
+
     run = _setup(cfg)
     accelerator, out = run.accelerator, Path(cfg.out)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
