@@ -7,9 +7,10 @@ allocation above its mmap threshold (at most 32 MB) with fresh pages and unmaps 
 next step's buffer is faulted in and zeroed by the kernel page by page again. On the 2-core CPU a
 KD step of SmolLM2 spent about a sixth of its CPU time there (`benchmarks/cpu_heap.py` measures the
 step with and without). With mmap off and no trimming, freed blocks stay in the heap and the next
-step reuses them. Outside a loop of same-sized steps that heap only fragments and grows (an
-evaluation of Gemma's 262k-vocabulary logits after its training ran out of memory under it), so the
-setting holds inside `keep_freed_memory()` only, and leaving it gives the freed memory back.
+step reuses them. Outside a loop of same-sized steps the retained heap only grows (held for a whole
+`compress` of Gemma 3, it filled a 24 GiB machine in the final evaluation of its 262k-vocabulary
+logits), so the setting holds inside `keep_freed_memory()` only, and leaving it gives the freed
+memory back.
 """
 
 from __future__ import annotations
