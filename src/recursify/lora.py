@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .util.positions import RowPositions
+
 
 class DepthwiseLoRA(nn.Module):
     def __init__(self, num_positions: int, in_features: int, out_features: int, rank: int):
@@ -67,22 +69,26 @@ class DepthwiseLoRA(nn.Module):
         A, B = self._weights(position)
         return torch.addmm(weight, B, A)
 
-    def forward(self, x: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        """Low-rank delta for x [batch, seq, d_in] at `position` (an int, or one per row)."""
+    def forward(self, x: torch.Tensor, position: "int | RowPositions | torch.Tensor") -> torch.Tensor:
+        """Low-rank delta for x [batch, seq, d_in] at `position` (an int, or one per row).
+
+        Which rows share an adapter is read from the host ints of `RowPositions`: grouping rows
+        never reads a device tensor back."""
         if isinstance(position, int):
             return self._at(x, position)
-        positions, inverse, counts = torch.unique(position, return_inverse=True, return_counts=True)
-        if positions.numel() == 1:
-            return self._at(x, int(positions[0]))
-        if positions.numel() == position.numel():  # every row at its own depth: gather + bmm
-            A = self.lora_A.index_select(0, position)  # [batch, r, d_in]
-            B = self.lora_B.index_select(0, position)  # [batch, d_out, r]
+        position = RowPositions.of(position)
+        groups = position.groups()
+        if len(groups) == 1:
+            return self._at(x, position.values[0])
+        index = position.index
+        if len(groups) == len(position):  # every row at its own depth: gather + bmm
+            A = self.lora_A.index_select(0, index)  # [batch, r, d_in]
+            B = self.lora_B.index_select(0, index)  # [batch, d_out, r]
             return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
         # Rows usually sit at a few depths (at most one per loop): one matmul pair per distinct
         # position over its rows, instead of copying one adapter per row.
-        rows_at = torch.argsort(inverse, stable=True).split(counts.tolist())
         y = None
-        for p, rows in zip(positions.tolist(), rows_at):
+        for p, rows in position.group_rows():
             part = self._at(x.index_select(0, rows), p)
             if y is None:
                 y = part.new_empty((x.shape[0],) + part.shape[1:])
@@ -99,8 +105,11 @@ class DepthwiseDiagonal(nn.Module):
         self.out_features = out_features
         self.diag = nn.Parameter(torch.zeros(num_positions, self.size))
 
-    def forward(self, x: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        d = self.diag[position] if isinstance(position, int) else self.diag.index_select(0, position).unsqueeze(1)
+    def forward(self, x: torch.Tensor, position: "int | RowPositions | torch.Tensor") -> torch.Tensor:
+        if isinstance(position, int):
+            d = self.diag[position]
+        else:
+            d = self.diag.index_select(0, RowPositions.of(position).index).unsqueeze(1)
         y = x[..., : self.size] * d
         if self.size < self.out_features:
             y = torch.nn.functional.pad(y, (0, self.out_features - self.size))

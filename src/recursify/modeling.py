@@ -25,8 +25,11 @@ from .config import Layout, RecursiveConfig
 from .families import arch_from_config, family_by_name, hf_config_from_dict, rotary_embedding
 from .layer_math import apply_norm, causal_masks, rotate, scaled_attention
 from .lora import DepthwiseDiagonal, DepthwiseLoRA
+from .util.positions import RowPositions
 
-Position = int | torch.Tensor
+# An unrolled position: one int for the whole batch, or one per row (RowPositions: host ints that
+# decide what runs, plus their device copy for gathers). A LongTensor is accepted and read once.
+Position = int | RowPositions | torch.Tensor
 # attend(q, k, v, position, is_sliding) -> attention output [batch, heads, seq, head_dim]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Position, torch.Tensor | bool], torch.Tensor]
 
@@ -140,7 +143,9 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         # survive meta-device loading and are never written to a checkpoint.
         with torch.device("cpu"):
             self.__dict__["_rotary"] = rotary_embedding(self.source_config)
-            self.__dict__["_sliding"] = torch.tensor([t == "sliding_attention" for t in a.layer_types], dtype=torch.bool)
+        # Which positions attend through a sliding window: a static fact, kept as Python data so
+        # that choosing a mask never reads a device tensor.
+        self.sliding: tuple[bool, ...] = tuple(t == "sliding_attention" for t in a.layer_types)
         self.post_init()
 
     @property
@@ -153,10 +158,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
     @property
     def position_is_sliding(self) -> torch.Tensor:
-        device = self.embed_tokens.weight.device
-        if self.__dict__["_sliding"].device != device:
-            self.__dict__["_sliding"] = self.__dict__["_sliding"].to(device)
-        return self.__dict__["_sliding"]
+        """`sliding` as a bool tensor (for callers that index it with tensors)."""
+        return torch.tensor(self.sliding, dtype=torch.bool)
 
     # ------------------------------------------------------------------ HF plumbing
     def get_input_embeddings(self):
@@ -190,6 +193,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             w = w[index]
             b = b[index] if b is not None else None
         else:
+            index = RowPositions.of(index).index
             shape = (index.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[-1],)
             w = w.index_select(0, index).view(shape)
             b = b.index_select(0, index).view(shape) if b is not None else None
@@ -214,7 +218,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         if name in self.bias:
             index = self._norm_index(slot, position)
             b = self.bias[name]
-            y = y + (b[index] if isinstance(index, int) else b.index_select(0, index).unsqueeze(1))
+            y = y + (b[index] if isinstance(index, int) else b.index_select(0, RowPositions.of(index).index).unsqueeze(1))
         if lora is not None and not merge:
             y = y + lora(x, position)
         if name in self.diag:
@@ -253,10 +257,14 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
     def position_rope(self, position: Position, rope: dict):
         """(cos, sin, is_sliding) for `position` (an int, or one per row), cos/sin shaped for heads."""
         if isinstance(position, int):
-            is_sliding = bool(self.position_is_sliding[position])
+            is_sliding = self.sliding[position]
             cos, sin = rope[is_sliding]
         else:
-            is_sliding = self.position_is_sliding.index_select(0, position)
+            flags = [self.sliding[p] for p in position.values]
+            if all(f == flags[0] for f in flags):  # one attention type for every row
+                cos, sin = rope[flags[0]]
+                return cos.unsqueeze(1), sin.unsqueeze(1), flags[0]
+            is_sliding = torch.tensor(flags, dtype=torch.bool, device=rope[False][0].device)
             sel = is_sliding.view(-1, 1, 1)
             cos = torch.where(sel, rope[True][0], rope[False][0])
             sin = torch.where(sel, rope[True][1], rope[False][1])
@@ -288,6 +296,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         """Post-RoPE k, v [B, H_kv, T, D] that layer `slot` at `position` would cache for residual
         stream h, without the rest of the layer: the serving engine fills the KV entries of the
         depths an early exit skipped with it (CALM's state propagation)."""
+        position = RowPositions.of(position)
         x = self._norm("attn_norm", h, self._norm_index(slot, position))
         cos, sin, _ = self.position_rope(position, rope)
         _, k, v = self.project_qkv(slot, position, x, cos, sin, queries=False)
@@ -304,6 +313,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         """One decoder layer of shared slot `slot` at unrolled `position` (int or per row)."""
         a, fam = self.arch, self.family
         bsz, seq, _ = h.shape
+        position = RowPositions.of(position)
         ni = self._norm_index(slot, position)
         cos, sin, is_sliding = self.position_rope(position, rope)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .request import SamplingParams
+
 
 @dataclass(frozen=True)
 class Row:
@@ -27,6 +29,7 @@ class Row:
     emits: bool = False  # finishing it yields the sequence's next token
     exit_after: int | None = None  # replay: the depth this token must exit at
     loop_argmax: tuple[int, ...] = ()  # oracle: the exit head's argmax at its earlier loop ends
+    params: SamplingParams | None = None  # how to pick the token it emits (None: greedy)
 
     @property
     def length(self) -> int:
@@ -38,6 +41,7 @@ class Batch:
     """The rows of one step, in the order the scheduler chose."""
 
     rows: tuple[Row, ...] = ()
+    finished: tuple[str, ...] = ()  # requests ended since the last step: the runner drops their state
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,7 +58,8 @@ class RowOutput:
     done: bool  # its tokens are now cached at every depth (last loop run, or exited)
     exited: bool = False  # left before the last loop
     hidden: torch.Tensor | None = None  # not done: residual stream [length, d] at this loop end
-    logits: torch.Tensor | None = None  # emitted: next-token logits [V], on the host for sampling
+    token: int | None = None  # emitted: the sampled next token (sampled on the device)
+    logits: torch.Tensor | None = None  # emitted: its next-token logits [V], left on the device
     depth: int = 0  # emitted: loops the token ran (oracle: the first loop that already agreed)
     argmax: int | None = None  # oracle: the exit head's argmax at this loop end
 

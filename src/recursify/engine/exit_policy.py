@@ -167,11 +167,11 @@ class ExitPolicy:
             it.loop_argmax.append(a)
         return exits
 
-    def final_depth(self, item, logits: torch.Tensor, num_loops: int) -> int:
-        """Depth recorded for a token that ran every loop (oracle: the first loop that agreed);
-        `item` is anything with the `loop_argmax` of its earlier loops (a work item or a row)."""
+    def final_depth(self, item, final: int, num_loops: int) -> int:
+        """Depth recorded for a token that ran every loop (oracle: the first loop whose argmax
+        agreed with `final`, the full-depth argmax); `item` is anything with the `loop_argmax` of
+        its earlier loops (a work item or a row)."""
         if self.mode == "oracle":
-            final = int(logits.argmax())
             for b, a in enumerate(item.loop_argmax):
                 if a == final:
                     return b + 1

@@ -110,7 +110,6 @@ class Request:
     seq_slot: int | None = None
     num_computed: int = 0  # tokens whose keys/values are in the cache at every depth
     work: Any = None  # the WorkItem in flight (scheduler.WorkItem)
-    generator: Any = None  # torch.Generator for seeded sampling
     _sent_text: int = 0  # characters already handed out as stream deltas
     _sent_tokens: int = 0
 

@@ -19,9 +19,11 @@ in another, so a long chunk never pads every decode row to its length.
 
 The runner owns the cache tensors and nothing else: it reads the rows and returns a
 `RunnerOutput`; the scheduler turns that into state. Every tensor a step builds is made on the
-model's device from the rows' Python ints, so a step never reads a device tensor back to decide
-what to run; the one transfer back is the emitted rows' logits, which sampling reads, besides the
-exit decisions themselves (one boolean per row offered an exit).
+model's device from the rows' Python ints (per-row positions travel as `RowPositions`: host ints
+that choose the adapters, a device copy that gathers them), so a step never reads a device tensor
+back to decide what to run. Tokens are sampled here, on the device (`sampling.sample_tokens`), and
+come back as ids in one transfer per step; a step that offers exits reads their decisions back
+once more (one boolean per offered row). `tests/test_engine.py` counts these transfers.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ import time
 import torch
 
 from ..config import BLOCK, CODA, PRELUDE, STAGES
+from ..util.positions import RowPositions
 from .batch import Batch, Row, RowOutput, RunnerOutput
 from .exit_policy import ExitConfig, ExitPolicy
 from .kv_cache import KVCache
+from .request import SamplingParams
+from .sampling import make_generator, sample_tokens
+
+GREEDY = SamplingParams(max_tokens=1)
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
@@ -104,6 +111,7 @@ class ModelRunner:
         self.exit_seconds = 0.0  # time spent deciding exits (head included for head modes)
         self.exit_checks = 0  # rows offered an exit
         self.device = model.embed_tokens.weight.device
+        self.generators: dict[str, torch.Generator] = {}  # per sampling request, on the device
         if cache.k.device != self.device:
             raise ValueError(f"the KV cache is on {cache.k.device} but the model is on {self.device}")
 
@@ -129,9 +137,10 @@ class ModelRunner:
         cache, model = self.cache, self.model
 
         def attend(q, k, v, position, is_sliding):
-            pos = position
             if isinstance(position, int):
                 pos = torch.full((k.shape[0],), position, dtype=torch.long, device=k.device)
+            else:
+                pos = position.index
             rr, tt = g.valid_rows, g.valid_t
             cache.write(g.slots[rr], pos[rr], g.starts[rr] + tt, k[rr, :, tt], v[rr, :, tt])
             keys, values = cache.read(g.slots, pos, g.S)
@@ -146,7 +155,7 @@ class ModelRunner:
     def _layer(self, g: _Group, steps) -> None:
         """One layer on every row of g; the steps (one per row) share one slot (checked at init)."""
         positions = [st.position for st in steps]
-        pos = positions[0] if all(p == positions[0] for p in positions) else _long(positions, g.h.device)
+        pos = positions[0] if all(p == positions[0] for p in positions) else RowPositions.make(positions, g.h.device)
         g.h = self.model.layer_forward(steps[0].slot, pos, g.h, g.rope, self._attend(g))
 
     def _run_stage(self, g: _Group, stage: str) -> None:
@@ -168,6 +177,8 @@ class ModelRunner:
         """Advance every row by one loop; what each row produced, in batch order. Writes the KV
         cache, changes nothing else."""
         outputs: list[RowOutput | None] = [None] * len(batch.rows)
+        for request_id in batch.finished:
+            self.generators.pop(request_id, None)
         for part in ([i for i, r in enumerate(batch.rows) if r.length == 1],
                      [i for i, r in enumerate(batch.rows) if r.length > 1]):
             if not part:
@@ -187,24 +198,44 @@ class ModelRunner:
         final = [i for i, r in enumerate(g.rows) if r.loop == last and r.emits]
         offered = [i for i, r in enumerate(g.rows) if r.loop < last and r.is_decode and self.exit.checks]
         exited, logits, argmax = self._decide(g, offered)
-        emit, host = sorted(final + exited), {}
+        emit, tokens, finals = sorted(final + exited), {}, {}
         if emit:
             missing = [i for i in emit if i not in logits]
             if missing:
                 rows = _long(missing, g.h.device)
                 logits.update(zip(missing, self.model.exit_logits(g.h[rows, self._last_t(g.rows, missing)])))
-            # The step's one device-to-host copy of logits: sampling reads them on the host.
-            host = dict(zip(emit, torch.stack([logits[i] for i in emit]).float().cpu()))
+            stacked = torch.stack([logits[i] for i in emit])
+            sampled = self._sample([g.rows[i] for i in emit], stacked)
+            if self.policy.mode == "oracle":  # the full-depth argmax, for the recorded depth
+                sampled = torch.stack([sampled, stacked.argmax(dim=-1)])
+            # The step's one device-to-host copy: the sampled ids (and oracle's argmax), never logits.
+            host = sampled.tolist()
+            tokens = dict(zip(emit, host[0] if self.policy.mode == "oracle" else host))
+            finals = dict(zip(emit, host[1])) if self.policy.mode == "oracle" else {}
         if exited:
             self._propagate(g, exited)
         out, gone = [], set(exited)
         for i, r in enumerate(g.rows):
-            done, lg = r.loop == last or i in gone, host.get(i)
+            done, token = r.loop == last or i in gone, tokens.get(i)
             depth = 0
-            if lg is not None:
-                depth = r.loop + 1 if i in gone else self.policy.final_depth(r, lg, self.num_loops)
-            out.append(RowOutput(done, i in gone, None if done else g.h[i, : r.length], lg, depth, argmax.get(i)))
+            if token is not None:
+                depth = r.loop + 1 if i in gone else self.policy.final_depth(r, finals.get(i, token), self.num_loops)
+            out.append(RowOutput(done, i in gone, hidden=None if done else g.h[i, : r.length], token=token,
+                                 logits=logits.get(i), depth=depth, argmax=argmax.get(i)))
         return out
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] on the device for the emitting rows' logits [n, V]."""
+        params = [r.params or GREEDY for r in rows]
+        generators = []
+        for r, p in zip(rows, params):
+            gen = None
+            if not p.is_greedy:
+                gen = self.generators.get(r.request_id)
+                if gen is None:
+                    gen = self.generators[r.request_id] = make_generator(p, logits.device)
+            generators.append(gen)
+        return sample_tokens(logits, params, generators)
 
     def _last_t(self, rows: list[Row], which=None) -> torch.Tensor:
         """Index of each row's last valid token (padding follows it), on the model's device."""
@@ -244,7 +275,7 @@ class ModelRunner:
                 rs.append(i)
                 ps.append(st.position)
         for slot, (rs, ps) in by_slot.items():
-            r, p = _long(rs, g.h.device), _long(ps, g.h.device)
+            r, p = _long(rs, g.h.device), RowPositions.make(ps, g.h.device)
             rope = {key: (c[r], s[r]) for key, (c, s) in g.rope.items()}
             k, v = self.model.kv_projection(slot, p, g.h[r, :1], rope)
-            self.cache.write(g.slots[r], p, g.starts[r], k[:, :, 0], v[:, :, 0])
+            self.cache.write(g.slots[r], p.index, g.starts[r], k[:, :, 0], v[:, :, 0])

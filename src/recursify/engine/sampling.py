@@ -1,14 +1,16 @@
-"""Token selection from logits, per request.
+"""Token selection on the model's device, per request.
 
-Each request samples with its own torch.Generator (seeded when `seed` is given), so a seeded
-request yields the same text whatever else shares its batch.
+The runner samples every emitted row of a step here and hands the scheduler token ids, never
+logits (as vLLM's sampler returns `ModelRunnerOutput.sampled_token_ids`): greedy rows are one
+batched argmax, the others draw from their own `torch.Generator` on the device (seeded when the
+request gives `seed`), so a seeded request yields the same text whatever else shares its batch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .request import Request
+from .request import SamplingParams
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -26,16 +28,22 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def sample(logits: torch.Tensor, req: Request) -> int:
-    """The next token for `req` from its logits [V]."""
-    p = req.params
-    if p.is_greedy:
-        return int(logits.argmax())
-    if req.generator is None:
-        req.generator = torch.Generator()
-        if p.seed is not None:
-            req.generator.manual_seed(p.seed)
-        else:
-            req.generator.seed()
-    probs = torch.softmax(filter_logits(logits, p.temperature, p.top_k, p.top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=req.generator))
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """Next token per row of logits [n, V], on logits' device: LongTensor [n]. `generators[i]` is
+    row i's generator (None for greedy rows). Nothing here reads a device value back."""
+    tokens = logits.argmax(dim=-1)
+    for i, (p, gen) in enumerate(zip(params, generators)):
+        if p.is_greedy:
+            continue
+        probs = torch.softmax(filter_logits(logits[i], p.temperature, p.top_k, p.top_p), dim=-1)
+        tokens[i] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens

@@ -27,7 +27,6 @@ from .batch import Batch, Row, RunnerOutput
 from .exit_policy import forced_depth
 from .kv_cache import SlotAllocator
 from .request import Request, Status
-from .sampling import sample
 
 
 class QueueFullError(RuntimeError):
@@ -66,7 +65,7 @@ class WorkItem:
         return Row(self.request.request_id, self.seq_slot, self.start, tuple(self.token_ids), self.loop,
                    hidden=self.hidden, is_decode=is_decode, emits=self.produces_token,
                    exit_after=forced_depth(self.request) if is_decode else None,
-                   loop_argmax=tuple(self.loop_argmax))
+                   loop_argmax=tuple(self.loop_argmax), params=self.request.params)
 
 
 class Scheduler:
@@ -85,6 +84,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._scheduled: tuple[Batch, list[WorkItem]] | None = None  # the step in flight
+        self._finished: list[str] = []  # ended since the last schedule(): the runner drops their state
 
     def add(self, req: Request) -> None:
         # Requests that a free slot will take at the next step do not count as queued.
@@ -130,7 +130,8 @@ class Scheduler:
             budget -= n
         for it in items:
             it.seq_slot = it.request.seq_slot
-        batch = Batch(tuple(it.row() for it in items))
+        batch = Batch(tuple(it.row() for it in items), finished=tuple(self._finished))
+        self._finished = []
         self._scheduled = (batch, items)
         return batch
 
@@ -154,8 +155,8 @@ class Scheduler:
                 continue
             req.num_computed = item.start + item.length
             req.work = None
-            if out.logits is not None:
-                self._append(req, sample(out.logits, req), out.depth)
+            if out.token is not None:
+                self._append(req, out.token, out.depth)
                 emitted.append((req, out.depth))
         return emitted
 
@@ -187,4 +188,5 @@ class Scheduler:
             self.slots.free(req.seq_slot)
             req.seq_slot = None
         req.work = None
+        self._finished.append(req.request_id)
         req.finish(reason)
