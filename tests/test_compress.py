@@ -222,7 +222,7 @@ def test_by_default_the_loops_and_rank_are_chosen_for_three_quarters_of_the_teac
 
 def test_parse_duration():
     assert [parse_duration(t) for t in ("90", "90s", "1.5m", "2h")] == [90, 90, 90, 7200]
-    with pytest.raises(CompressError):
+    with pytest.raises(ValueError, match="cannot read the duration"):
         parse_duration("soon")
 
 

@@ -172,7 +172,7 @@ def test_per_row_positions_in_one_layer_call_match_separate_calls():
     slot = 1
     positions = torch.tensor(model.layout.positions_of_slot(slot)[::2])  # same slot, loops 0 and 2
     # One sliding-window and one full-attention position: rope bases and masks differ per row.
-    assert model.position_is_sliding[positions].tolist() == [True, False]
+    assert [model.sliding[p] for p in positions.tolist()] == [True, False]
     batched = model.layer_forward(slot, positions, h, rope, attend)
     for i, p in enumerate(positions.tolist()):
         alone = model.layer_forward(slot, p, h[i : i + 1], {k: (c[i : i + 1], s[i : i + 1]) for k, (c, s) in rope.items()}, attend)

@@ -67,8 +67,8 @@ def test_decisions_sit_on_the_threshold():
     oracle = ExitPolicy(ExitConfig("oracle"))
     assert oracle.decide(items, None, None, logits) == [False, False]
     assert [it.loop_argmax for it in items] == [[0], [0]]
-    assert oracle.final_depth(items[0], torch.tensor([9.0, 0.0, 0.0]), 3) == 1
-    assert oracle.final_depth(items[0], torch.tensor([0.0, 9.0, 0.0]), 3) == 3
+    assert oracle.final_depth(items[0], 0, 3) == 1  # the full-depth argmax 0 was loop 1's
+    assert oracle.final_depth(items[0], 1, 3) == 3  # no earlier loop agreed with argmax 1
 
 
 # ---------------------------------------------------------------- validation and defaults

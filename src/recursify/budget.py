@@ -20,6 +20,18 @@ def curvature_forwards(tokens: int, sequential: bool) -> int:
     return 4 * tokens + 20_000 + (20_000 if sequential else 0)
 
 
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '1.5h' or plain seconds -> seconds (a ValueError naming the forms otherwise)."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ValueError(f"cannot read the duration {text!r}; use e.g. 90s, 45m, 1.5h") from None
+
+
 class Clock:
     """Budget bookkeeping that survives a resume: seconds spent by earlier attempts are kept in
     the work folder's state file."""
@@ -34,3 +46,85 @@ class Clock:
     @property
     def left(self) -> float:
         return self.budget - self.spent
+
+
+def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool,
+                placement, teacher_dtype, target_params: float | None = None, checkpointing: str = "auto"):
+    """The memory plan of a compress run, from the source's config alone (models built on the meta
+    device, so nothing is allocated): (MemoryPlan, free bytes on the device). With checkpointing
+    "auto", gradient checkpointing is turned on when the plan does not fit without it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .convert import build_config
+    from .families import arch_from_config, detect_family
+    from .modeling import RecursiveForCausalLM
+    from .util.device import free_memory
+    from .util.memory import estimate, shapes_of
+
+    family = detect_family(source_config)
+    arch = arch_from_config(family, source_config)
+    with torch.device("meta"):
+        source = AutoModelForCausalLM.from_config(source_config)
+        teacher_params = sum(p.numel() for p in source.parameters())
+        if target_params is not None:
+            student_params = int(target_params * teacher_params)
+        else:
+            student = RecursiveForCausalLM(build_config(source, recursion))
+            student_params = student.parameter_breakdown()["total"]
+    shapes = shapes_of(arch, family, teacher_params, student_params)
+    free = free_memory(placement.device)
+    compute = torch.finfo(placement.dtype).bits // 8
+    teacher_bytes = torch.finfo(teacher_dtype).bits // 8
+
+    def plan(on: bool):
+        return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
+                        teacher_bytes=teacher_bytes, compute_bytes=compute, checkpointing=on)
+
+    result = plan(checkpointing == "on")
+    if checkpointing == "auto" and result.peak > free:
+        result = plan(True)
+    return result, free
+
+
+HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %
+
+
+def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, placement,
+               target_params: float | None, checkpointing: str):
+    """Fit the run to the device's memory: (plan, free bytes, changes made, hint). Gradient
+    checkpointing (when "auto") and then the output curvature are given up first, as the time
+    planner gives up work for a short budget; `changes` names them. `hint` is None when the plan
+    fits, else the first option (a command-line flag) that would make it fit."""
+    import dataclasses
+
+    import torch
+
+    def plan(**kw):
+        args = dict(batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature, placement=placement,
+                    teacher_dtype=placement.dtype, target_params=target_params, checkpointing=checkpointing)
+        args.update(kw)
+        return memory_plan(source_config, recursion, **args)
+
+    memory, free = plan()
+    free = int(free * HEADROOM)
+    changes: list[str] = []
+    if memory.peak > free and checkpointing == "auto" and not memory.checkpointing:
+        memory = plan(checkpointing="on")[0]
+    if memory.checkpointing and checkpointing == "auto":
+        changes.append("gradient checkpointing on")
+    if memory.peak > free and curvature:
+        memory = plan(curvature=False, checkpointing="on" if checkpointing == "auto" else checkpointing)[0]
+        changes.append("no output curvature")
+    if memory.peak <= free:
+        return memory, free, changes, None
+    on = "on" if checkpointing != "off" else "off"
+    fixes = [(f"--batch-size {max(1, batch // 2)}", dict(batch=max(1, batch // 2), curvature=False, checkpointing=on))]
+    if checkpointing == "off":
+        fixes.insert(0, ("--gradient-checkpointing on", dict(checkpointing="on", curvature=False)))
+    if placement.device.type == "cuda" and placement.dtype == torch.float32:
+        bf16 = dataclasses.replace(placement, dtype=torch.bfloat16)
+        fixes.insert(0, ("--dtype bfloat16", dict(placement=bf16, teacher_dtype=torch.bfloat16, curvature=False,
+                                                  checkpointing=on)))
+    hint = next((flag for flag, kw in fixes if plan(**kw)[0].peak <= free), "a machine with more memory")
+    return memory, free, changes, hint

@@ -9,7 +9,7 @@ eigenvectors U_r of Delta_l C_l Delta_l^T, A = U_r^T Delta_l. That is what makes
 nearly right before any training.
 
 Statistics are gathered once per (model, tokens) and cached on disk: per unrolled position and per
-distinct linear input (q/k/v read the same tensor, so do gate/up), X^T X in float64.
+distinct linear input (q/k/v read the same tensor, so do gate/up), X^T X accumulated in float32 (the closed forms solve in float64).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class CalibrationError(ValueError):
 class CalibrationStats:
     """Per-position input covariances of the source model's linears.
 
-    `cov[group]` is [L, d_in, d_in] float64, the mean of x x^T over `num_tokens` tokens;
+    `cov[group]` is [L, d_in, d_in] float32, the mean of x x^T over `num_tokens` tokens (the
+    closed forms that read it work in float64);
     `input_of[linear]` names the group whose input that linear reads.
     """
 
@@ -117,22 +118,26 @@ def check_tokens(source, sequences: torch.Tensor) -> None:
 def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
     """X^T X / N of every linear's input at every layer of `source`, over `sequences` [n, T].
 
-    Each batch's products are formed in float32 (the fast path on CPU) and summed in float64.
-    The LM head is never run: the forward stops at the final norm.
+    Each batch's products are formed in float32 and added in place into one preallocated
+    [L, d_in, d_in] float32 stack per input group, on the CPU: the statistics of a 1B model
+    (22 layers, four groups, the widest 5632 wide) then take 3.9 GB once, where float64 per-layer
+    tensors stacked at the end took 7.8 GB twice over. The LM head is never run: the forward stops
+    at the final norm.
     """
     family = detect_family(source.config)
     groups = linear_input_groups(source, family)
     layers = _layers(source, family)
     device = source.get_input_embeddings().weight.device
     check_tokens(source, sequences)
-    acc: dict[str, list[torch.Tensor | None]] = {g: [None] * len(layers) for g in dict.fromkeys(groups.values())}
+    acc: dict[str, torch.Tensor] = {}
+    for g in dict.fromkeys(groups.values()):
+        d_in = layers[0].get_submodule(family.linears[g]).weight.shape[1]
+        acc[g] = torch.zeros(len(layers), d_in, d_in, dtype=torch.float32)
 
     def record(group: str, index: int):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            xtx = (x.T @ x).double()
-            slot = acc[group]
-            slot[index] = xtx if slot[index] is None else slot[index].add_(xtx)
+            acc[group][index].add_((x.T @ x).cpu())
 
         return hook
 
@@ -157,7 +162,7 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     finally:
         for h in hooks:
             h.remove()
-    cov = {g: torch.stack([c.cpu() for c in mats]) / n_tokens for g, mats in acc.items()}
+    cov = {g: mats.div_(n_tokens) for g, mats in acc.items()}
     d_min = min(c.shape[-1] for c in cov.values())
     if n_tokens < d_min:
         warnings.warn(

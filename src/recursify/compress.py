@@ -18,9 +18,7 @@ from typing import Callable
 
 import torch
 
-from .budget import Clock
-from .budget import convert_forwards as _convert_forwards
-from .budget import curvature_forwards as _curvature_forwards
+from .budget import Clock, parse_duration, convert_forwards as _convert_forwards, curvature_forwards as _curvature_forwards
 from .compress_summary import fmt_seconds as _fmt_s
 from .compress_summary import build_summary, measure, render_summary
 
@@ -61,6 +59,9 @@ class CompressConfig:
     baseline_lr: float = 1e-3  # its own peak LR: the plain model's best in the README's sweep
     paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
     overwrite: bool = False
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # compute dtype of distillation and evaluation (auto: bf16 on GPUs, fp32 on CPU)
+    gradient_checkpointing: str = "auto"  # auto: on when the plan's memory estimate does not fit without it
 
     def validate(self) -> None:
         if self.time_budget <= 0:
@@ -92,20 +93,10 @@ class CompressConfig:
         if (self.lora_rank == "auto" or self.loops == "auto") != (self.target_params is not None):
             raise CompressError("--target-params goes with --lora-rank auto or --loops auto: the budget decides the "
                                 "ranks (and loops)")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise CompressError(f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         if self.eval_tokens < 2 * self.seq_len:
             raise CompressError(f"--eval-tokens={self.eval_tokens} must cover two sequences of {self.seq_len}")
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '45m', '1.5h' or plain seconds -> seconds."""
-    text = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise CompressError(f"cannot read the duration {text!r}; use e.g. 90s, 45m, 1.5h") from None
 
 
 SEARCH_TOKENS = 2048  # training tokens each --loops auto candidate is scored on
@@ -137,6 +128,24 @@ def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:
         raise
 
 
+def _check_memory(cfg: CompressConfig, source_config, recursion, where, log):
+    """Print each stage's estimated peak memory; refuse, before any work, a run that cannot fit."""
+    from .budget import fit_memory
+    from .util.memory import fmt_gib
+
+    auto = cfg.loops == "auto" or cfg.lora_rank == "auto"
+    memory, free, changes, hint = fit_memory(source_config, recursion, batch=cfg.batch_size, seq_len=cfg.seq_len,
+                                    calib_tokens=cfg.calib_tokens, curvature=cfg.curvature, placement=where,
+                                    target_params=cfg.target_params if auto else None,
+                                    checkpointing=cfg.gradient_checkpointing)
+    log("memory plan (estimated peaks): " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in memory.stages.items())
+        + f"; {fmt_gib(free)} usable on {where.device} (85 % of what is free)" + (f" ({', '.join(changes)} to fit)" if changes else ""))
+    if hint is not None:
+        raise CompressError(f"this run needs about {fmt_gib(memory.peak)} ({memory.peak_stage}) but {fmt_gib(free)} "
+                            f"is usable on {where.device}; try {hint}")
+    return memory
+
+
 def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
     import recursify as rf
 
@@ -148,6 +157,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     from .train.trainer import TrainConfig, TrainError, train
 
     cfg.validate()
+    from .util.device import DeviceError, resolve_placement
+
+    try:
+        where = resolve_placement(cfg.device, cfg.dtype)
+    except DeviceError as e:
+        raise CompressError(str(e)) from None
     if cfg.paper_tasks:
         import importlib.util
 
@@ -168,6 +183,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
     except ValueError as e:
         raise CompressError(str(e)) from e
+    memory = _check_memory(cfg, source_config, recursion, where, log)
+    checkpointing, curvature_fits = memory.checkpointing, memory.curvature
     if out.exists() and not cfg.overwrite:
         raise CompressError(f"{out} already exists; pass --overwrite to replace it")
     if cfg.overwrite and work.exists():
@@ -193,8 +210,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     # 1. teacher, data -----------------------------------------------------------------------------
     stage(1, f"loading {cfg.model} and the data")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks its own the same way
-    teacher, tok = load_pretrained(cfg.model, device=device)
+    device = where.device
+    teacher, tok = load_pretrained(cfg.model, device=device)  # float32: calibration and conversion maths
     options = []
     # Layouts are compared with the average init, since the joint calibrated fit costs four plain
     # conversions' time; the chosen layout is then converted with cfg.init.
@@ -213,11 +230,6 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if floor > cfg.target_params:
             raise CompressError(f"--target-params {cfg.target_params:g} is below what even rank 0 needs "
                                 f"({floor:.1%} of the teacher's parameters): use more loops or a larger target")
-    teacher_dir = work / "teacher"
-    if not (teacher_dir / "config.json").exists():  # the trainer reloads it fast from here
-        with atomic_dir(teacher_dir) as tmp:
-            teacher.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
     try:
         _, heldout = build_datasets(DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_sources=cfg.heldout,
                                                max_tokens=cfg.calib_tokens, heldout_tokens=cfg.eval_tokens), tok)
@@ -238,14 +250,12 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     reserve = (6 * n_eval + 3000) / fwd + 5  # final evaluation, generations (~150 decode steps), saving
     step_s = 5 * cfg.batch_size * cfg.seq_len / fwd  # a KD step costs about five forwards
     sequential = cfg.sequential and state.get("sequential", True)
-    curvature = cfg.curvature and state.get("curvature", True)
+    curvature = cfg.curvature and curvature_fits and state.get("curvature", True)
     if not (converted / "config.json").exists():
-        # Fit the preparation to the budget: no layout search (one plain conversion's time a
-        # layout; the layout taken without it ended within 1 % of the best after training), then no output
-        # curvature (`_curvature_forwards`), then fewer calibration tokens (down to 2048; fewer cost the conversion far more, see the README), then average
-        # init instead of the joint fit, then no sequential refit, before giving up. Measured on
-        # SmolLM2 / 2 cores: statistics cost about 4 forwards per token (nothing when cached), the
-        # sequential refit about 12; a conversion `_convert_forwards`.
+        # Fit the preparation to the budget: no layout search, then no output curvature, then fewer
+        # calibration tokens (down to 2048), then average init instead of the joint fit, then no
+        # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about 4
+        # forwards per token (nothing when cached), the refit about 12; a conversion `_convert_forwards`.
         calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
         n_probe = max(1, SEARCH_TOKENS // cfg.seq_len)
         while True:
@@ -352,12 +362,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         steps_guess = max(1, int(seconds / step_s))
         try:
             result = train(TrainConfig(
-                student=str(student), teacher=str(teacher_dir), data=list(cfg.data), heldout=cfg.heldout,
+                student=str(student), teacher=cfg.model, data=list(cfg.data), heldout=cfg.heldout,
+                device=str(device), dtype=cfg.dtype, gradient_checkpointing=checkpointing,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=lr, warmup_steps=min(20, max(5, steps_guess // 10)), eval_every=-1,
                 exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=cfg.trainable,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
-                max_time=seconds, resume=run_dir.exists()))
+                max_time=seconds, resume=run_dir.exists()), teacher=(teacher, tok))
         except TrainError as e:
             raise CompressError(str(e)) from e
         if result.get("interrupted"):
@@ -418,9 +429,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     # 5. evaluate, write ----------------------------------------------------------------------------
     stage(5, "evaluating and writing the checkpoint")
-    models = {"teacher": teacher, "student": load_pretrained(str(kd_dir), device=device)[0]}
+    models = {"teacher": teacher.to(where.dtype), "student": load_pretrained(str(kd_dir), device=device, dtype=where.dtype)[0]}
     if cfg.baseline:
-        models["baseline"] = load_pretrained(str(base_dir), device=device)[0]
+        models["baseline"] = load_pretrained(str(base_dir), device=device, dtype=where.dtype)[0]
     m = measure(models, tok, stream, cfg.seq_len, cfg.paper_tasks, log)
     summary = build_summary(asdict(cfg), state, m, models, len(stream), clock.spent)
     with atomic_dir(out) as tmp:  # the compressed model; with --baseline the plain one in baseline/

@@ -18,6 +18,7 @@ from .families import Family, detect_family
 from .calibrate import CalibrationStats, activation_aware_factors, fit_shared
 from .lora import truncated_svd
 from .modeling import RecursiveForCausalLM
+from .util.device import resolve_device, resolve_dtype
 
 AUTO_MAP = {
     "AutoConfig": "configuration_recursify.RecursiveConfig",
@@ -80,13 +81,22 @@ def convert(
     progress: bool = True,
     calibration: CalibrationStats | None = None,
     damp: float = 0.01,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> RecursiveForCausalLM:
     """Turn a Hugging Face causal LM into a (relaxed) recursive model, per `recursion`.
 
     With `calibration` (see `recursify.calibrate`), the SVD-initialised LoRA fits what each
     layer's outputs see on real text instead of the raw weight difference; the checkpoint's
     config records how many tokens it was calibrated on.
+
+    The decompositions run on the source's device in float32 (float64 inside `truncated_svd`
+    and the calibrated closed forms), whatever the source's dtype; the result is then cast to
+    `dtype` (default float32) and moved to `device` (default: the source's device).
     """
+    work = next(source.parameters()).device
+    target = resolve_device(device) if device is not None else work
+    out_dtype = resolve_dtype(dtype, target) if dtype is not None else torch.float32
     if recursion.init == "calibrated" and calibration is None:
         raise ValueError("init='calibrated' fits the shared weights to calibration statistics: pass calibration=")
     if calibration is not None:
@@ -99,7 +109,8 @@ def convert(
     family: Family = detect_family(source.config)
     if recursion.init == "random":
         torch.manual_seed(recursion.seed)
-    model = RecursiveForCausalLM(config).float()
+    with torch.device(work):
+        model = RecursiveForCausalLM(config).float()
     layout = model.layout
     layers = list(source.get_submodule(family.layers))
 
@@ -133,13 +144,16 @@ def convert(
             delta[:, :m, :m] -= torch.diag_embed(d)
         if name in model.lora and recursion.lora_init == "svd":
             lora = model.lora[name]
-            if calibration is not None:
-                B, A = activation_aware_factors(delta, calibration.of(name), lora.rank, damp=damp,
-                                              out_cov=calibration.out_of(name))
-            else:
-                B, A = truncated_svd(delta, lora.rank)
-            lora.lora_B.copy_(B)
-            lora.lora_A.copy_(A)
+            # A few positions at a time: the float64 temporaries of one chunk, never of all L.
+            for idx in position_chunks(delta):
+                if calibration is not None:
+                    out_cov = calibration.out_of(name)
+                    B, A = activation_aware_factors(delta[idx], calibration.of(name)[idx], lora.rank, damp=damp,
+                                                  out_cov=None if out_cov is None else out_cov[idx])
+                else:
+                    B, A = truncated_svd(delta[idx], lora.rank)
+                lora.lora_B[idx] = B
+                lora.lora_A[idx] = A
         elif name in model.lora:
             # Zero init: A small random, B zero, so the model starts as the plain recursive one.
             torch.nn.init.normal_(model.lora[name].lora_A, std=1.0 / model.lora[name].lora_A.shape[-1] ** 0.5)
@@ -154,7 +168,7 @@ def convert(
         model.lm_head.weight.copy_(source.get_output_embeddings().weight.float())
     else:
         model.tie_weights()
-    return model.eval()
+    return model.to(device=target, dtype=out_dtype).eval()
 
 
 @torch.no_grad()
@@ -183,6 +197,15 @@ def with_rank(model: RecursiveForCausalLM, rank) -> RecursiveForCausalLM:
     if new.arch.tie_word_embeddings:
         new.tie_weights()
     return new.eval()
+
+
+def position_chunks(stack: torch.Tensor, budget: int = 1 << 29) -> list[slice]:
+    """Slices over the first axis of a [L, out, in] stack, each small enough that the float64
+    temporaries of its decomposition (about four copies) stay under `budget` bytes."""
+    L, out_f, in_f = stack.shape
+    per = 4 * 8 * (out_f * in_f + min(out_f, in_f) ** 2)
+    k = max(1, min(L, budget // per))
+    return [slice(i, min(L, i + k)) for i in range(0, L, k)]
 
 
 def _norms(stack: torch.Tensor, layout: Layout, recursion: RecursionConfig) -> torch.Tensor:

@@ -133,9 +133,17 @@ def vocabulary_mismatch(model, tokenizer, other, other_tokenizer, name: str = "s
     return None
 
 
-def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file."""
+def load_pretrained(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None):
+    """The Hugging Face causal LM and its tokenizer, from a bundled name, a folder or a .gguf file.
+
+    `device` and `dtype` take what `--device`/`--dtype` take ("auto" included), checked before
+    any weight is read."""
     import transformers
+
+    from .util.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device) if device is not None else None
+    dtype = resolve_dtype(dtype, device or torch.device("cpu"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
@@ -163,9 +171,10 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, devic
     return model, tokenizer
 
 
-def load_for_serving(checkpoint: str):
+def load_for_serving(checkpoint: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
     """(RecursiveForCausalLM, tokenizer) from a recursify checkpoint, a Hugging Face causal-LM
-    folder (served as its exact num_loops=1 conversion) or a bundled model name.
+    folder (served as its exact num_loops=1 conversion) or a bundled model name, on `device` in
+    `dtype` ("auto": a GPU in bf16 when there is one, else the CPU in fp32).
 
     Raises ValueError with one line, before any weights are read, when it is none of those.
     """
@@ -177,6 +186,9 @@ def load_for_serving(checkpoint: str):
         text = str(e).strip()
         return text.splitlines()[0] if text else type(e).__name__
 
+    from .util.device import resolve_placement
+
+    where = resolve_placement(device, dtype)  # a device this machine lacks fails before any reading
     path = Path(checkpoint)
     if checkpoint not in BUNDLED:
         if not path.is_dir():
@@ -189,11 +201,11 @@ def load_for_serving(checkpoint: str):
         raise ValueError(one_line(e)) from None
     try:
         if getattr(config, "model_type", None) == "recursify":
-            model, tokenizer = load_pretrained(checkpoint)
+            model, tokenizer = load_pretrained(checkpoint, dtype=where.dtype, device=where.device)
         else:
             detect_family(config)  # unsupported architectures fail here, cheaply
             source, tokenizer = load_pretrained(checkpoint)
-            model = convert(source, RecursionConfig(num_loops=1), progress=False)
+            model = convert(source, RecursionConfig(num_loops=1), progress=False, device=where.device, dtype=where.dtype)
     except (ModelLoadError, ValueError, OSError) as e:
         raise ValueError(f"{checkpoint}: {one_line(e)}") from None
     return model, tokenizer

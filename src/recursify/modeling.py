@@ -2,10 +2,8 @@
 
 Every unrolled position p keeps its own identity: its depth index (for LoRA and norm gathers),
 its attention type (full or sliding, as layer p of the source), and its own KV-cache slot
-(`layer_idx = p`), so loops never collide in the cache. Rows of one batch may sit at different
-positions of the same shared slot (`position` is then a LongTensor[batch]): that is what the
-serving engine's depth-wise batching relies on.
-"""
+(`layer_idx = p`). Rows of one batch may sit at different positions of one shared slot
+(`position` is then `RowPositions`): the serving engine's depth-wise batching relies on it."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -139,6 +138,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         self.act = ACT2FN[a.act]
+        self.checkpoint_positions = False  # training: recompute each position's activations in the backward
         # Kept outside the module tree: they are functions of the config, never weights, and so
         # survive meta-device loading and are never written to a checkpoint.
         with torch.device("cpu"):
@@ -155,11 +155,6 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         if any(b.device != device for b in rot.buffers()):
             rot.to(device)
         return rot
-
-    @property
-    def position_is_sliding(self) -> torch.Tensor:
-        """`sliding` as a bool tensor (for callers that index it with tensors)."""
-        return torch.tensor(self.sliding, dtype=torch.bool)
 
     # ------------------------------------------------------------------ HF plumbing
     def get_input_embeddings(self):
@@ -227,11 +222,8 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextmanager
     def adapter_views(self):
-        """Within this block every DepthwiseLoRA reads its per-position weights from views made by
-        one `unbind` instead of an int index per use: an int index into a stacked Parameter costs
-        a full-size zero gradient per use in the backward (O(positions^2) per step), one unbind
-        costs a single stack. `forward` opens it around its layers; the views are dropped on exit,
-        so none outlives the forward (and autograd graph) that made them."""
+        """Every DepthwiseLoRA reads its per-position weights from one `unbind`'s views (an int index
+        per use costs a full-size zero gradient each in the backward); dropped on exit."""
         modules = [m for m in self.lora.values() if m._views is None]  # nested blocks: the outer one owns them
         for m in modules:
             m.split_positions()
@@ -407,7 +399,10 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         with self.adapter_views():
             # The one loop schedule (the serving engine runs the same one, a loop per step).
             for step in layout.schedule():
-                h = self.layer_forward(step.slot, step.position, h, rope, attend)
+                if self.checkpoint_positions and torch.is_grad_enabled() and kv is None:
+                    h = checkpoint(self.layer_forward, step.slot, step.position, h, rope, attend, use_reentrant=False)
+                else:
+                    h = self.layer_forward(step.slot, step.position, h, rope, attend)
                 if output_position_states:
                     position_states.append(h)
                 if step.loop_end:

@@ -75,11 +75,25 @@ def parse_args(argv, prog):
     parser.add_argument("--memory-budget-mb", type=float, default=None, help="weights + KV cache (default: see --baseline-slots)")
     parser.add_argument("--max-batch-cap", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadier on a shared CPU)")
-    parser.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
+    parser.add_argument("--device", default="auto", help="where the models run: auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that supports it, float32 on CPU), "
+                        "float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     args = parser.parse_args(argv)
+    for flag in ("requests", "prompt_len", "output_len", "baseline_slots", "max_batch_cap", "threads", "loops"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if not args.rate > 0:
+        parser.error(f"--rate must be positive (inf: all at once), got {args.rate}")
+    from ..util.device import DeviceError, resolve_placement
+
+    try:
+        args.placement = resolve_placement(args.device, args.dtype)
+    except DeviceError as e:
+        parser.error(str(e))
+    args.device = str(args.placement.device)
     for flag in [*POLICY_FLAGS.values(), "classifier_thresholds"]:
         try:
             setattr(args, flag, [float(x) for x in getattr(args, flag).split(",") if x.strip()])
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with console.status(f"loading {args.model}"):
-        teacher, tok = rf.load_pretrained(args.model, device=args.device)
+        teacher, tok = rf.load_pretrained(args.model, device=args.device, dtype=args.placement.dtype)
     prompts = make_prompts(tok, args.requests, args.prompt_len, args.seed)
     arrivals = poisson_arrivals(len(prompts), args.rate, args.seed)
     models = {}
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     def build(name, cfg):
         if name not in models:
             with console.status(f"converting: {name}"):
-                models[name] = rf.convert(teacher, cfg, progress=False)
+                models[name] = rf.convert(teacher, cfg, progress=False, dtype=args.placement.dtype)
         return models[name]
 
     vanilla = build("original", rf.RecursionConfig(num_loops=1))
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         return run_row(model, tok, prompts, arrivals, args, batch, **kw)
 
     console.print(f"[bold]{args.requests} requests, rate {args.rate}/s, prompt {args.prompt_len}, output {args.output_len}, "
-                  f"{args.threads} thread(s), {args.device}, budget {budget / 2**20:.0f} MiB[/bold]")
+                  f"{args.threads} thread(s), {args.placement}, budget {budget / 2**20:.0f} MiB[/bold]")
     base_batch = slots_for(vanilla)
     ra = serve(vanilla, 1)
     record("(a)", "original, one request at a time", "original", vanilla, ra)
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     if student_config is not None:
         name = f"student {Path(args.student).name}"
         with console.status(f"loading {args.student}"):
-            student, _ = rf.load_pretrained(args.student, device=args.device)
+            student, _ = rf.load_pretrained(args.student, device=args.device, dtype=args.placement.dtype)
         models[name] = student
         classifier = student_classifier(args.student, student, prog)
         rec = student_config.recursion

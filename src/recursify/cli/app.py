@@ -73,6 +73,29 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+DEVICE_HELP = "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."
+DTYPE_HELP = ("Dtype of the weights and compute: auto (bfloat16 on a GPU that supports it, float32 on CPU), "
+              "float32, bfloat16 or float16. Conversion maths stays in float32/float64.")
+
+
+def device_option():
+    return typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def dtype_option():
+    return typer.Option("auto", "--dtype", help=DTYPE_HELP)
+
+
+def placement(device: str, dtype: str):
+    """Resolve --device/--dtype before anything is loaded: one line if this machine cannot."""
+    from ..util.device import DeviceError, resolve_placement
+
+    try:
+        return resolve_placement(device, dtype)
+    except DeviceError as e:
+        raise CLIError(str(e)) from None
+
+
 def split_list(value: Optional[str]) -> list[str]:
     """A comma-separated option as a list, empty items dropped."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
@@ -116,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        # Without standalone mode click *returns* the code of a typer.Exit instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import CLIError, app, console, out, split_list
+from .app import CLIError, app, console, device_option, dtype_option, out, split_list
 
 
 @app.command()
@@ -38,6 +38,14 @@ def compress(
     baseline_lr: float = typer.Option(1e-3, "--baseline-lr", help="Peak learning rate of the --baseline model's distillation (its best in the README's sweep; the compressed model's is --lr)."),
     paper_tasks: int = typer.Option(0, "--paper-tasks", help="Evaluate teacher, compressed (and baseline) on the first N items of each of the paper's seven benchmarks (needs recursify[eval]; adds its time after the budget). 0: skip."),
     overwrite: bool = typer.Option(False, help="Replace --out and discard an interrupted run."),
+    device: str = device_option(),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype of the distillation (autocast; weights and Adam "
+                              "stay float32) and of the evaluation, and the teacher's dtype while distilling: auto "
+                              "(bfloat16 on a GPU that supports it, float32 on CPU), float32, bfloat16, float16. "
+                              "Calibration and conversion maths stay float32/float64."),
+    gradient_checkpointing: str = typer.Option("auto", "--gradient-checkpointing", help="Recompute each unrolled "
+                                               "position's activations in the backward: auto (on when the memory plan "
+                                               "does not fit without it), on, off."),
 ):
     """Calibrate, convert, distil and evaluate in one go, within a time budget.
 
@@ -64,7 +72,8 @@ def compress(
                              time_budget=parse_duration(time_budget), calib_tokens=calib_tokens, sequential=sequential, curvature=curvature, allocate=allocate, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
                              hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
-                             baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite)
+                             baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite,
+                             device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     except CompressError as e:
         raise CLIError(str(e)) from e

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import CLIError, app, atomic_output_dir, console, dir_size, human_bytes, out, split_list
+from .app import (CLIError, app, atomic_output_dir, console, device_option, dir_size, dtype_option, human_bytes, out,
+                  placement, split_list)
 
 
 def source_breakdown(model) -> dict[str, int]:
@@ -46,6 +47,9 @@ def convert(
     sequential: bool = typer.Option(False, "--sequential", help="With --calibrate: then refit each position's LoRA in order on the converted model's own inputs, so it corrects the error earlier positions left (GPTQ-style)."),
     curvature: bool = typer.Option(False, "--curvature", help="With --calibrate: also weigh each linear's output directions by how much the model's predictions notice them (the output-gradient covariance of K-FAC, from backward passes of the original over up to 8192 of the tokens; cached). Lower perplexity before training for about twice the conversion time."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    device: str = device_option(),
+    dtype: str = typer.Option("float32", "--dtype", help="Dtype of the saved checkpoint: float32 (default), bfloat16, "
+                              "float16 or auto. The decompositions run in float32/float64 whatever it is."),
 ):
     """Convert a pretrained causal LM into a (Relaxed) Recursive Transformer checkpoint.
 
@@ -54,6 +58,7 @@ def convert(
     import recursify as rf
 
     t0 = time.time()
+    where = placement(device, dtype)
     auto = lora_rank == "auto"
     if auto and (not calibrate or target_params is None):
         raise CLIError("--lora-rank auto chooses ranks from calibration statistics: pass --calibrate DATA and --target-params")
@@ -80,7 +85,7 @@ def convert(
     family = rf.families.detect_family(source_config)
     rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
     with console.status(f"loading {model}"):
-        teacher, tokenizer = rf.load_pretrained(model)
+        teacher, tokenizer = rf.load_pretrained(model, device=where.device)  # float32: the maths' dtype
     t_load = time.time() - t0
     before = source_breakdown(teacher)
     stats = None
@@ -112,6 +117,7 @@ def convert(
         from ..sequential import sequential_calibrate
 
         sequential_calibrate(student, teacher, fit_seqs, damp=damp, curvature=stats.curvature)
+    student = student.to(where.dtype)
     t_convert = time.time() - t1
     with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):
         student.save_pretrained(tmp)
@@ -144,6 +150,8 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     teacher: Optional[str] = typer.Option(None, help="Also generate from this model (e.g. smollm2-135m) for comparison."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ):
     """Generate text from a checkpoint (and optionally its teacher, side by side)."""
     import torch
@@ -152,14 +160,15 @@ def generate(
 
     if max_new_tokens <= 0:
         raise CLIError("--max-new-tokens must be positive")
+    where = placement(device, dtype)
     rows = []
     for role, name in ([("teacher", teacher)] if teacher else []) + [("model", checkpoint)]:
         with console.status(f"loading {name}"):
-            model, tok = rf.load_pretrained(name)
+            model, tok = rf.load_pretrained(name, device=where.device, dtype=where.dtype)
         text = prompt
         if chat and tok.chat_template:
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt")
+        ids = tok(text, return_tensors="pt").to(where.device)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
         t0 = time.time()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, console, out, require, split_list
+from .app import app, console, device_option, dtype_option, out, placement, require, split_list
 
 
 @app.command("eval")
@@ -25,16 +25,20 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, help="Items per lm-eval benchmark (quick runs)."),
     batch_size: int = typer.Option(4),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ):
     """Measure a checkpoint against its teacher: perplexity, per-exit perplexity, agreement, cloze, benchmarks."""
     from ..eval.evaluate import EvalConfig, evaluate, format_result, parse_tasks, write_json
 
+    placement(device, dtype)  # a device or dtype this machine lacks: one line before anything else
     _, benchmarks = parse_tasks(split_list(tasks))
     if benchmarks:
         require("lm_eval", f"recursify eval --tasks {tasks}")
     cfg = EvalConfig(
         model=model, data=split_list(data), teacher=teacher, tasks=split_list(tasks), train_data=split_list(train_data),
         seq_len=seq_len, max_tokens=max_tokens, stride=stride, limit=limit, batch_size=batch_size,
+        device=device, dtype=dtype,
     )
     result = evaluate(cfg, console=console)
     out.print(format_result(result))

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import CLIError, app, out
+from .app import CLIError, app, device_option, dtype_option, out, placement
 
 exits = typer.Typer(
     no_args_is_help=True,
@@ -86,9 +86,11 @@ def fit(
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     batch_size: int = typer.Option(4, help="Sequences per forward pass."),
     steps: int = typer.Option(200, help="L-BFGS iterations per probe (logistic regression)."),
-    device: Optional[str] = typer.Option(None, help="Where the model runs (cpu, cuda); default: cuda if available."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ):
     """See FIT_HELP: fit, calibrate on held-out text, write the two files, print the table."""
+    where = placement(device, dtype)
     if not 0 < target_agreement <= 1:
         raise CLIError(f"--target-agreement must be in (0, 1], got {target_agreement}")
     for name, value in (("--tokens", tokens), ("--heldout-tokens", heldout_tokens), ("--batch-size", batch_size),
@@ -105,11 +107,10 @@ def fit(
     from ..engine.exit_classifier import fit_and_calibrate
     from ..hub import load_pretrained
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The data first: a corpus too small costs one line before any weights are read.
     fit_ids, held_ids = _sequences(data, heldout or [], AutoTokenizer.from_pretrained(checkpoint), seq_len, tokens,
                                    heldout_tokens)
-    model, _ = load_pretrained(checkpoint, device=device)
+    model, _ = load_pretrained(checkpoint, device=where.device, dtype=where.dtype)
     clf, cal = fit_and_calibrate(model, fit_ids.split(batch_size), held_ids.split(batch_size), target_agreement,
                                  steps=steps)
     clf.save(checkpoint)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import PASSTHROUGH, app
+from .app import PASSTHROUGH, app, device_option, dtype_option, placement
 
 
 @app.command()
@@ -20,12 +20,19 @@ def serve(
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion (default: the model's context)."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ):
-    """Serve a checkpoint behind an OpenAI-compatible HTTP API (continuous depth-wise batching)."""
+    """Serve a checkpoint behind an OpenAI-compatible HTTP API (continuous depth-wise batching).
+
+    Example: recursify serve runs/demo --port 8000 (on a GPU: bfloat16 by default)
+    """
     from ..server import serve as run_server
 
+    where = placement(device, dtype)
     run_server(checkpoint, host=host, port=port, max_batch=max_batch, exit_threshold=exit_threshold,
-               exit_mode=exit_mode, max_model_len=max_model_len, max_queue=max_queue, threads=threads)
+               exit_mode=exit_mode, max_model_len=max_model_len, max_queue=max_queue, threads=threads,
+               device=where.device, dtype=where.dtype)
 
 
 @app.command("bench-serve", context_settings=PASSTHROUGH, add_help_option=False)

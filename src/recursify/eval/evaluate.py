@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..util.device import resolve_placement
+
 METRICS = ("ppl", "exits", "agreement", "cloze", "paper")
 
 
@@ -35,6 +37,8 @@ class EvalConfig:
     cloze_items: int = 200
     limit: int | None = None  # items per lm-eval task
     batch_size: int = 4
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, float32 on CPU
 
 
 class ExitView(torch.nn.Module):
@@ -89,14 +93,15 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
     def status(msg):
         return console.status(msg) if console is not None else _null()
 
+    where = resolve_placement(cfg.device, cfg.dtype)  # a DeviceError (one line) before any loading
     t0 = time.time()
     with status(f"loading {cfg.model}"):
-        model, tok = rf.load_pretrained(cfg.model)
+        model, tok = rf.load_pretrained(cfg.model, device=where.device, dtype=where.dtype)
         check_causal(model, cfg.model)
     teacher = None
     if cfg.teacher:
         with status(f"loading teacher {cfg.teacher}"):
-            teacher, teacher_tok = rf.load_pretrained(cfg.teacher)
+            teacher, teacher_tok = rf.load_pretrained(cfg.teacher, device=where.device, dtype=where.dtype)
             check_causal(teacher, cfg.teacher)
         problem = vocabulary_mismatch(model, tok, teacher, teacher_tok, name="model")
         if problem:
@@ -147,7 +152,8 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         with status("cloze accuracy"):
             result["cloze"] = cloze_accuracy(model, tok, iter_documents(cfg.data), n=cfg.cloze_items, batch_size=cfg.batch_size)
     if bench:
-        result["paper"] = run_paper_tasks(model, tasks=bench, tokenizer=tok, limit=cfg.limit, batch_size=cfg.batch_size)
+        result["paper"] = run_paper_tasks(model, tasks=bench, tokenizer=tok, limit=cfg.limit, batch_size=cfg.batch_size,
+                                           device=str(where.device))
         result["paper"].pop("raw", None)
     result["peak_memory"] = peak_memory()
     result["seconds"] = time.time() - t0

@@ -252,13 +252,16 @@ def serve(
     threads: int | None = None,
     drain_timeout: float = 60.0,
     log_level: str = "info",
+    device="auto",
+    dtype="auto",
 ) -> None:
     """Load a checkpoint and serve it until SIGINT/SIGTERM (which drain in-flight requests).
 
     exit_threshold enables confidence-based early exit (max softmax probability >= threshold);
     exit_mode picks another rule ("entropy", "saturation", "oracle", or "classifier": the probe
     saved next to the checkpoint by `recursify exits fit`, at its calibrated threshold unless
-    exit_threshold is given). `threads` sets torch's intra-op threads.
+    exit_threshold is given). `threads` sets torch's intra-op threads; `device`/`dtype` take what
+    `--device`/`--dtype` take (auto: a GPU in bf16 if there is one, else the CPU in fp32).
     """
     import torch
     import uvicorn
@@ -271,7 +274,7 @@ def serve(
         from ..engine.exit_classifier import ExitClassifier
 
         classifier = ExitClassifier.load(checkpoint)
-    model, tokenizer = load_for_serving(checkpoint)
+    model, tokenizer = load_for_serving(checkpoint, device=device, dtype=dtype)
     if threads:
         torch.set_num_threads(threads)
     engine = LLMEngine(model, tokenizer, max_batch=max_batch, max_model_len=max_model_len,

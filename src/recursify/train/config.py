@@ -19,8 +19,7 @@ from .losses import EXIT_SCHEDULES
 
 SCHEDULES = ("cosine", "wsd")
 TRAINABLE = ("all", "body", "lora", "shared", "norms")
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MIXED_PRECISION = ("auto", "no", "bf16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # Fields that change the data order or the LR at a given step: a resume with other values is not
 # the same run any more, so we warn.
 RUN_IDENTITY = ("data", "heldout", "max_tokens", "seq_len", "batch_size", "seed", "lr", "schedule",
@@ -90,8 +89,13 @@ class TrainConfig:
     shared_lr_scale: float = _f(1.0, "LR of the shared weights (slots.*) as a fraction of lr: each one takes the "
                                       "gradients of every position tied to it, so it may want a smaller step than "
                                       "the LoRA, norms and embeddings.")
-    teacher_dtype: str = _f("float32", "Teacher weights dtype: float32 or bfloat16 (halves its memory).")
-    mixed_precision: str = _f("auto", "Student autocast: auto (bf16 on GPU, fp32 on CPU), no, bf16.")
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = _f("auto", "Compute dtype of the student (autocast; its weights and optimizer stay float32): auto "
+                            "(bfloat16 on a GPU that supports it, float32 on CPU), float32, bfloat16, float16.")
+    teacher_dtype: str = _f("auto", "Teacher weights dtype: auto (the compute dtype: bfloat16 on GPUs, float32 on "
+                                    "CPU), float32, bfloat16 (halves its memory), float16.")
+    gradient_checkpointing: bool = _f(False, "Recompute each unrolled position's activations in the backward "
+                                             "instead of keeping them: less memory for about one more forward.")
     eval_every: int = _f(200, "Held-out evaluation every N steps (0: only at the start and end; -1: never).")
     eval_tokens: int = _f(65536, "Held-out tokens per evaluation (rounded down to whole sequences).")
     save_every: int = _f(500, "Checkpoint every N steps (0: only at the end and on signals; -1: only on signals, "
@@ -147,10 +151,9 @@ class TrainConfig:
              f"hidden_weight={self.hidden_weight} needs a teacher; pass --teacher or --hidden-weight 0")
         need(0 < self.shared_lr_scale <= 10, f"shared_lr_scale must be in (0, 10], got {self.shared_lr_scale}")
         need(self.trainable in TRAINABLE, f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
-        need(self.teacher_dtype in TEACHER_DTYPES,
-             f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}")
-        need(self.mixed_precision in MIXED_PRECISION,
-             f"unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        need(self.dtype in DTYPE_CHOICES, f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        need(self.teacher_dtype in DTYPE_CHOICES,
+             f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
         need(self.eval_tokens >= 1, f"eval_tokens must be positive, got {self.eval_tokens}")
         need(self.save_every >= -1, f"save_every must be >= -1, got {self.save_every}")
         need(self.max_time >= 0, f"max_time must be >= 0 seconds, got {self.max_time}")

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .checkpoint import latest_checkpoint, restore_model, restore_training_state, save_checkpoint, student_state
-from .config import (RUN_IDENTITY, TEACHER_DTYPES, TrainConfig, TrainError, build_parser, fit_steps_to_time, lr_factor,
+from .config import (RUN_IDENTITY, TrainConfig, TrainError, build_parser, fit_steps_to_time, lr_factor,
                      warn)
 from .losses import LossConfig, distillation_loss
 from .metrics import MetricsLog, evaluate, format_ppl, plot_metrics
@@ -134,7 +134,7 @@ def _check_student(student, teacher, cfg: TrainConfig) -> None:
                          f"positions but the teacher has {layers} layers; distil from the model it was converted from")
 
 
-def _setup(cfg: TrainConfig) -> Setup:
+def _setup(cfg: TrainConfig, loaded_teacher=None) -> Setup:
     """Check every input, load both models and the data: a TrainError here leaves out/ untouched."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -142,11 +142,20 @@ def _setup(cfg: TrainConfig) -> Setup:
     from ..data import DataConfig, DataError, build_datasets
     from ..hub import vocabulary_mismatch
 
+    from ..util.device import DeviceError, resolve_dtype, resolve_placement
+
     cfg.validate()
+    try:
+        where = resolve_placement(cfg.device, cfg.dtype)
+        teacher_dtype = where.dtype if cfg.teacher_dtype == "auto" else resolve_dtype(cfg.teacher_dtype, where.device)
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
     _check_out_dir(cfg)
-    use_cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if use_cuda else "no")
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=mp)
+    if where.device.type == "cuda" and where.device.index is not None:
+        torch.cuda.set_device(where.device)
+    # Weights and optimizer state stay float32; the forward runs under autocast in the compute dtype.
+    mp = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[where.dtype]
+    accelerator = Accelerator(cpu=where.device.type == "cpu", mixed_precision=mp)
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch_size={cfg.batch_size} must be divisible by processes*grad_accum = "
@@ -156,12 +165,20 @@ def _setup(cfg: TrainConfig) -> Setup:
     student, tokenizer = _load(cfg, cfg.student, "student")
     teacher = None
     if cfg.alpha > 0 or cfg.hidden_weight > 0:
-        teacher, tok_t = _load(cfg, cfg.teacher, "teacher", TEACHER_DTYPES[cfg.teacher_dtype])
+        if loaded_teacher is not None:
+            teacher, tok_t = loaded_teacher
+            teacher.to(dtype=teacher_dtype)
+        else:
+            teacher, tok_t = _load(cfg, cfg.teacher, "teacher", teacher_dtype)
         problem = vocabulary_mismatch(student, tokenizer, teacher, tok_t)
         if problem:
             raise TrainError(f"teacher {cfg.teacher} {problem}; distillation needs the same tokenizer")
         teacher.requires_grad_(False).eval().to(accelerator.device)
     _check_student(student, teacher, cfg)  # before the data is tokenised
+    if cfg.gradient_checkpointing:
+        if not hasattr(student, "checkpoint_positions"):
+            raise TrainError("gradient_checkpointing needs a recursive student")
+        student.checkpoint_positions = True
     data_cfg = DataConfig(sources=cfg.data, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction,
                           seed=cfg.seed, cache_dir=cfg.cache_dir, max_tokens=cfg.max_tokens,
                           heldout_sources=cfg.heldout, heldout_tokens=cfg.eval_tokens)
@@ -276,11 +293,13 @@ def _catch_signals(stop: dict) -> dict:
     return handlers
 
 
-def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, teacher=None) -> dict:
     """Run (or resume) a distillation run; returns the final metrics.
 
     ``on_step(record)`` is called on every process after each optimizer step with that step's
-    metrics record (for notebooks, tests, custom logging).
+    metrics record (for notebooks, tests, custom logging). ``teacher``: an already-loaded teacher
+    model (with its tokenizer as ``(model, tokenizer)``) used instead of reading ``cfg.teacher``
+    again; it is moved to the run's device and teacher dtype in place.
     """
     from ..cpu_heap import keep_freed_memory
 
@@ -288,15 +307,15 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     # Each step frees and allocates the same large buffers: keep them in the heap while the run's
     # tensors live, and give the memory back once they are gone.
     with keep_freed_memory():
-        return _train(cfg, on_step, t_enter)
+        return _train(cfg, on_step, t_enter, teacher)
 
 
-def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: float) -> dict:
+def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: float, teacher=None) -> dict:
     from tqdm.auto import tqdm
 
     from ..data import batches
 
-    run = _setup(cfg)
+    run = _setup(cfg, teacher)
     accelerator, out = run.accelerator, Path(cfg.out)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     tokens_per_step, total_steps = cfg.batch_size * cfg.seq_len, cfg.total_steps

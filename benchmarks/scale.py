@@ -1,0 +1,194 @@
+"""A 1B-class model through `recursify compress`: the planner's memory estimate against the
+measured peak and time of every stage.
+
+Builds TinyLlama-1.1B's shape (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads)
+with random weights and SmolLM2's bundled tokenizer (vocabulary 49152: 1.07B parameters), saves it
+as a float32 safetensors folder, then runs `compress --loops 2 --lora-rank 64` in this process
+with a budget that allows a few distillation steps. Random weights measure memory and time, not
+quality. A sampling thread reads the process's resident memory (or, on a GPU, the allocator's
+peak) every 0.2 s and keeps each stage's maximum; the stages are compress's own log lines.
+
+    python benchmarks/scale.py --time-budget 45m --out benchmarks/results/scale_tinyllama_cpu.json
+    python benchmarks/scale.py --tiny --time-budget 3m --out /tmp/scale_tiny.json   # a smoke run
+
+Prints a table (stage, estimated peak, measured peak, seconds) and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TINYLLAMA = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False)
+TINY = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
+            max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class StagePeaks:
+    """Peak memory per stage, sampled in a thread; `switch(name)` starts a new stage."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        self.stage, self.t_stage = "start", time.monotonic()
+        self.peaks: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _now(self) -> int:
+        if self.cuda:
+            return int(self.torch.cuda.max_memory_allocated())
+        return rss_bytes()
+
+    def _run(self):
+        while not self.stop.is_set():
+            v = self._now()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), v)
+            time.sleep(0.2)
+
+    def switch(self, name: str):
+        now = time.monotonic()
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self.t_stage
+        self.stage, self.t_stage = name, now
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def close(self):
+        self.switch("done")
+        self.stop.set()
+        self.thread.join()
+
+
+STAGE_OF_LOG = [(r"^\[1/5\]", "load"), (r"^\[2/5\]", "calibrate"), (r"^\[3/5\] converting", "convert"),
+                (r"^\[3/5\]", "layout search"), (r"^\[4/5\] local", "local"), (r"^\[4/5\]", "distil"),
+                (r"^\[5/5\]", "evaluate")]
+
+
+def build_model(folder: Path, shape: dict) -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recursify.hub import resolve
+
+    tok_dir, gguf = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(tok_dir, gguf_file=gguf)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # small weights: a random 1B model's activations stay finite through 22 layers
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return n
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model of the same kind (a smoke run)")
+    ap.add_argument("--data", default="corpus/python-docs/train", help="training text (scripts/fetch_corpora.sh)")
+    ap.add_argument("--heldout", default="corpus/python-docs/heldout")
+    ap.add_argument("--time-budget", default="45m")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="distillation tokens at most")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--work", default=None, help="folder for the model and the run (default: a temporary one)")
+    ap.add_argument("--out", default="benchmarks/results/scale_tinyllama_cpu.json")
+    args = ap.parse_args(argv)
+
+    from recursify.budget import parse_duration
+    from recursify.compress import CompressConfig, compress
+    from recursify.util.device import resolve_placement, total_memory
+    from recursify.util.memory import GiB
+
+    where = resolve_placement(args.device, args.dtype)
+    work = Path(args.work or tempfile.mkdtemp(prefix="recursify-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    peaks = StagePeaks(where.device)
+    t0 = time.monotonic()
+    peaks.switch("build")
+    params = build_model(work / "model", TINY if args.tiny else TINYLLAMA)
+    estimates: dict[str, float] = {}
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+        m = re.match(r"memory plan \(estimated peaks\): (.*); ([\d.]+) GiB usable", line)
+        if m:
+            for part in m.group(1).split(", "):
+                name, value, _ = part.rsplit(" ", 2)
+                estimates[name] = float(value)
+        for pattern, stage in STAGE_OF_LOG:
+            if re.match(pattern, line):
+                peaks.switch(stage)
+                break
+
+    cfg = CompressConfig(model=str(work / "model"), out=str(work / "out"), data=[args.data], heldout=[args.heldout],
+                         loops=2, lora_rank=64, time_budget=parse_duration(args.time_budget), max_tokens=args.max_tokens,
+                         device=args.device, dtype=args.dtype, overwrite=True)
+    error = None
+    try:
+        summary = compress(cfg, log=log)
+    except Exception as e:  # noqa: BLE001 - a failed run is a result too: its peaks are recorded
+        error, summary = f"{type(e).__name__}: {e}", None
+    total_s = time.monotonic() - t0
+    peaks.close()
+
+    # Estimates are per compress stage; load and layout search run beside calibration's memory.
+    estimate_of = {"calibrate": "calibrate", "convert": "convert", "distil": "distil", "evaluate": "evaluate"}
+    rows = []
+    for stage, peak in peaks.peaks.items():
+        est = estimates.get(estimate_of.get(stage, ""), None)
+        rows.append({"stage": stage, "measured_peak_gib": peak / GiB, "estimated_peak_gib": est,
+                     "seconds": peaks.seconds.get(stage, 0.0)})
+    overall = max(peaks.peaks.values())
+    planned = max(estimates.values()) if estimates else None
+    result = {
+        "benchmark": "scale", "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
+        "shape": TINY if args.tiny else TINYLLAMA, "params": params, "device": str(where.device),
+        "dtype": where.dtype_name, "machine": platform.processor() or platform.machine(),
+        "device_name": __import__("torch").cuda.get_device_name(where.device) if where.device.type == "cuda" else "cpu",
+        "memory_total_gib": total_memory(where.device) / GiB, "time_budget": args.time_budget,
+        "stages": rows, "measured_peak_gib": overall / GiB, "estimated_peak_gib": planned,
+        "estimate_error": (planned - overall / GiB) / (overall / GiB) if planned else None,
+        "total_seconds": total_s, "error": error, "log": lines,
+        "summary": {k: summary[k] for k in ("ppl", "train") if summary and k in summary} if summary else None,
+    }
+    print(f"\n{'stage':<14} {'estimated':>10} {'measured':>10} {'seconds':>9}")
+    for r in rows:
+        est = f"{r['estimated_peak_gib']:.1f}" if r["estimated_peak_gib"] is not None else "-"
+        print(f"{r['stage']:<14} {est:>10} {r['measured_peak_gib']:>10.1f} {r['seconds']:>9.0f}")
+    print(f"peak {overall / GiB:.1f} GiB measured, {planned if planned is not None else float('nan'):.1f} GiB planned; "
+          f"{total_s:.0f} s" + (f"; error: {error}" if error else ""))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Peak-memory estimates of compress's stages, from the models' shapes alone.
+
+Each stage's peak is the sum of what is alive at its busiest moment, in bytes. The terms, and
+what each stands for:
+
+* teacher: its parameters at the dtype it is held in (float32 while calibrating and converting:
+  the maths' dtype; the teacher dtype while distilling);
+* statistics: one [L, d_in, d_in] float32 covariance per distinct linear input (calibration), and
+  one [L, d_out, d_out] per linear with the output curvature;
+* conversion: the student in float32 plus the largest linear's stacked weights and delta, and one
+  chunk of positions' float64 decomposition temporaries (`convert.position_chunks`);
+* distillation: the student's float32 weights, gradients and AdamW's two moments (16 bytes a
+  parameter), the activations every unrolled position keeps for the backward (with gradient
+  checkpointing only its input), the attention scores of one position, and the logits: the
+  teacher's [B, T, V] in float32 plus one sequence chunk's temporaries of the student's;
+* evaluation: both models at the compute dtype plus one batch's logits.
+
+`benchmarks/scale.py` records these estimates beside the measured peaks (RSS on CPU,
+`torch.cuda.max_memory_allocated` on a GPU). The process itself (Python, torch, tokenizers) is
+`BASE` bytes on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 2**30
+BASE = int(1.0 * GiB)  # interpreter, torch, tokenizer, allocator slack
+CHUNK_BYTES = 4 * (1 << 26)  # the KD loss's logit chunk (losses.DEFAULT_CHUNK_ELEMENTS fp32 elements) ...
+CHUNK_LIVE = 3  # ... of which about three temporaries are alive at once
+CONVERT_CHUNK = 1 << 29  # convert.position_chunks' budget for a chunk's float64 temporaries
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimates need of a teacher/student pair."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_dim: int  # num_kv_heads * head_dim
+    vocab: int
+    teacher_params: int
+    student_params: int
+    input_dims: tuple[int, ...]  # d_in of each distinct linear input (q/k/v share one, gate/up another)
+    output_dims: tuple[int, ...]  # d_out of each linear (the curvature's sizes)
+    largest_linear: tuple[int, int]  # (d_out, d_in) of the biggest linear
+
+
+@dataclass
+class MemoryPlan:
+    stages: dict[str, int] = field(default_factory=dict)  # stage -> estimated peak bytes (BASE included)
+    checkpointing: bool = False
+    curvature: bool = True
+
+    @property
+    def peak(self) -> int:
+        return max(self.stages.values())
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
+
+def activation_bytes(s: Shapes, tokens: int, seq_len: int, batch: int, compute_bytes: int, checkpointing: bool) -> int:
+    """What the backward keeps of the unrolled positions' forward."""
+    per_token = (10 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate) * compute_bytes
+    scores = batch * s.heads * seq_len * seq_len * compute_bytes * 2  # softmax input and output of one position
+    one_position = tokens * per_token + scores
+    if checkpointing:
+        return s.layers * tokens * s.hidden * compute_bytes + one_position
+    return s.layers * one_position
+
+
+def estimate(s: Shapes, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, teacher_bytes: int = 4,
+             compute_bytes: int = 4, checkpointing: bool = False, eval_batch: int = 4) -> MemoryPlan:
+    """Estimated peak bytes of each of compress's stages (see the module docstring)."""
+    tokens = batch * seq_len
+    teacher32 = 4 * s.teacher_params
+    stats = 4 * s.layers * sum(d * d for d in s.input_dims)
+    curv = 4 * s.layers * sum(d * d for d in s.output_dims) if curvature else 0
+    calib_act = min(calib_tokens, 4 * seq_len) * (s.hidden * 6 + s.intermediate * 2) * 4
+    if curvature:  # backward passes of the teacher over a few sequences
+        calib_act += activation_bytes(s, min(calib_tokens, 4 * seq_len), seq_len, 4, 4, False)
+    d_out, d_in = s.largest_linear
+    convert_tmp = s.layers * d_out * d_in * 4 * 2 + CONVERT_CHUNK  # W and delta (fp32), one chunk's fp64 fit
+    logits = tokens * s.vocab * 4 + CHUNK_LIVE * min(CHUNK_BYTES, tokens * s.vocab * 4)
+    plan = MemoryPlan(checkpointing=checkpointing, curvature=curvature)
+    plan.stages = {
+        "calibrate": BASE + teacher32 + stats + curv + calib_act,
+        "convert": BASE + teacher32 + stats + curv + 4 * s.student_params + convert_tmp,
+        "distil": BASE + teacher_bytes * s.teacher_params + 16 * s.student_params + logits
+                  + activation_bytes(s, tokens, seq_len, batch, compute_bytes, checkpointing),
+        "evaluate": BASE + compute_bytes * (s.teacher_params + s.student_params) + 2 * eval_batch * seq_len * s.vocab * 4,
+    }
+    return plan
+
+
+def shapes_of(arch, family, teacher_params: int, student_params: int) -> Shapes:
+    """Shapes from a recursify `Arch` and `Family` and the two parameter counts."""
+    linears = {name: arch.linear_shape(name) for name in family.linears}  # name -> (d_in, d_out)
+    inputs = {"attention": arch.hidden_size, "o": linears["o"][0], "mlp": arch.hidden_size, "down": linears["down"][0]}
+    biggest = max(linears.values(), key=lambda io: io[0] * io[1])
+    return Shapes(layers=arch.num_layers, hidden=arch.hidden_size, intermediate=arch.intermediate_size,
+                  heads=arch.num_heads, kv_dim=arch.num_kv_heads * arch.head_dim, vocab=arch.vocab_size,
+                  teacher_params=teacher_params, student_params=student_params,
+                  input_dims=tuple(inputs.values()), output_dims=tuple(d_out for _, d_out in linears.values()),
+                  largest_linear=(biggest[1], biggest[0]))
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
