@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="run every step on the CPU at toy sizes (no GPU needed)")
     ap.add_argument("--budget", default="5m", help="compress's time budget")
-    ap.add_argument("--data", default="corpus/python-docs/train")
+    ap.add_argument("--data", default=None, help="training text (default: corpus/python-docs/train; the dry run: "
+                    "the paragraphs of this checkout's README.md, held out on docs/ARCHITECTURE.md's: no download)")
     ap.add_argument("--work", default=None, help="folder for the student and the step outputs")
     ap.add_argument("--out", default="gpu_check.json")
     args = ap.parse_args(argv)
@@ -89,8 +90,14 @@ def main(argv=None) -> int:
 
     model = tiny_teacher(work / "teacher") if args.dry_run else "smollm2-135m"
     student = work / "student"
-    compress = cli + ["compress", model, "--data", args.data, "--out", str(student), "--loops", "2",
-                      "--lora-rank", "8" if args.dry_run else "64", "--time-budget", "40s" if args.dry_run else args.budget,
+    data, heldout = args.data or "corpus/python-docs/train", []
+    if args.dry_run and not args.data:  # text that every checkout has, one JSONL document per paragraph
+        for name, src in (("train", "README.md"), ("heldout", "docs/ARCHITECTURE.md")):
+            paragraphs = [p for p in (ROOT / src).read_text().split("\n\n") if len(p) > 80]
+            (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+        data, heldout = str(work / "train.jsonl"), ["--heldout", str(work / "heldout.jsonl")]
+    compress = cli + ["compress", model, "--data", data, *heldout, "--out", str(student), "--loops", "2",
+                      "--lora-rank", "8" if args.dry_run else "64", "--time-budget", "2m" if args.dry_run else args.budget,
                       "--device", device, "--dtype", dtype, "--overwrite", "--no-curvature", "--no-sequential"]
     if args.dry_run:
         compress += ["--calib-tokens", "1024", "--eval-tokens", "512", "--seq-len", "128", "--max-tokens", "1024"]

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                                    "exit_checks", "exit_ms_per_step", "exit_us_per_check")} | {"x_b": r["output_tok_s"] / tps["(b)"]}
                 for r in rows if "policy" in r]
     result = {
-        "args": vars(args),
+        "args": {k: (str(v) if k == "placement" else v) for k, v in vars(args).items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                         "platform": platform.platform(), "transformers": __import__("transformers").__version__},
