@@ -182,9 +182,9 @@ def test_baseline_and_paper_tasks_are_measured_beside_the_compressed_model(teach
 
     runs = []  # (run folder, TrainConfig) of each distillation
 
-    def spy(tc):
+    def spy(tc, **kw):
         runs.append((Path(tc.out).name, tc))
-        return train(tc)
+        return train(tc, **kw)
 
     train = trainer_module.train
     monkeypatch.setattr(trainer_module, "train", spy)

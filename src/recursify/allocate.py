@@ -24,7 +24,7 @@ import torch
 
 from .calibrate import OUT_DAMP, CalibrationStats, _damped, psd_root
 from .config import ConfigError, Layout, RecursionConfig
-from .families import detect_family
+from .families import arch_from_config, detect_family
 from .modeling import RecursiveForCausalLM, lora_targets
 
 
@@ -35,6 +35,25 @@ def parameter_count(source, recursion: RecursionConfig) -> int:
     with torch.device("meta"):
         model = RecursiveForCausalLM(build_config(source, recursion))
     return model.parameter_breakdown()["total"]
+
+
+def macs_per_token(source, recursion: RecursionConfig | None = None) -> int:
+    """Multiply-adds per decoded token in the linear layers and the LM head (attention's scores,
+    which grow with the context, left out): the source's own when `recursion` is None, else the
+    recursive model's, whose every unrolled position runs its slot's full-size linears plus its
+    LoRA (the decode path keeps the adapter: r * (d_in + d_out) more per linear)."""
+    from .convert import build_config
+
+    family = detect_family(source.config)
+    arch = arch_from_config(family, source.config)
+    head = arch.hidden_size * arch.vocab_size
+    dense = sum(arch.linear_shape(n)[0] * arch.linear_shape(n)[1] for n in family.linears)
+    if recursion is None:
+        return arch.num_layers * dense + head
+    with torch.device("meta"):
+        model = RecursiveForCausalLM(build_config(source, recursion))
+    lora = sum(m.rank * (m.lora_A.shape[-1] + m.lora_B.shape[1]) for m in model.lora.values())
+    return arch.num_layers * (dense + lora) + head
 
 
 @torch.no_grad()

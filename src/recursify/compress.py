@@ -62,6 +62,7 @@ class CompressConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # compute dtype of distillation and evaluation (auto: bf16 on GPUs, fp32 on CPU)
     gradient_checkpointing: str = "auto"  # auto: on when the plan's memory estimate does not fit without it
+    max_compute: float | None = None  # --loops auto: layouts' multiply-adds per token, as a fraction of the teacher's
 
     def validate(self) -> None:
         if self.time_budget <= 0:
@@ -93,6 +94,9 @@ class CompressConfig:
         if (self.lora_rank == "auto" or self.loops == "auto") != (self.target_params is not None):
             raise CompressError("--target-params goes with --lora-rank auto or --loops auto: the budget decides the "
                                 "ranks (and loops)")
+        if self.max_compute is not None and (self.loops != "auto" or not self.max_compute > 0):
+            raise CompressError("--max-compute (a positive fraction of the teacher's multiply-adds per token) goes "
+                                f"with --loops auto, got {self.max_compute} with --loops {self.loops}")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise CompressError(f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         if self.eval_tokens < 2 * self.seq_len:
@@ -133,11 +137,10 @@ def _check_memory(cfg: CompressConfig, source_config, recursion, where, log):
     from .budget import fit_memory
     from .util.memory import fmt_gib
 
-    auto = cfg.loops == "auto" or cfg.lora_rank == "auto"
+    target = cfg.target_params if cfg.loops == "auto" or cfg.lora_rank == "auto" else None
     memory, free, changes, hint = fit_memory(source_config, recursion, batch=cfg.batch_size, seq_len=cfg.seq_len,
-                                    calib_tokens=cfg.calib_tokens, curvature=cfg.curvature, placement=where,
-                                    target_params=cfg.target_params if auto else None,
-                                    checkpointing=cfg.gradient_checkpointing)
+                                             calib_tokens=cfg.calib_tokens, curvature=cfg.curvature, placement=where,
+                                             target_params=target, checkpointing=cfg.gradient_checkpointing)
     log("memory plan (estimated peaks): " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in memory.stages.items())
         + f"; {fmt_gib(free)} usable on {where.device} (85 % of what is free)" + (f" ({', '.join(changes)} to fit)" if changes else ""))
     if hint is not None:
@@ -163,11 +166,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         where = resolve_placement(cfg.device, cfg.dtype)
     except DeviceError as e:
         raise CompressError(str(e)) from None
-    if cfg.paper_tasks:
-        import importlib.util
-
-        if importlib.util.find_spec("lm_eval") is None:
-            raise CompressError("--paper-tasks needs lm-evaluation-harness: pip install 'recursify[eval]'")
+    if cfg.paper_tasks and __import__("importlib.util").util.find_spec("lm_eval") is None:
+        raise CompressError("--paper-tasks needs lm-evaluation-harness: pip install 'recursify[eval]'")
     try:  # the layout and the model's family, before anything is loaded or written
         auto, auto_loops = cfg.lora_rank == "auto", cfg.loops == "auto"
         recursion = rf.RecursionConfig(num_loops=2 if auto_loops else cfg.loops, strategy=cfg.strategy, init=cfg.init,
@@ -220,7 +220,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         from .layout_search import candidates
 
         try:
-            options = candidates(teacher, cfg.target_params, cfg.strategy, search_init)
+            options = candidates(teacher, cfg.target_params, cfg.strategy, search_init, max_compute=cfg.max_compute)
         except ValueError as e:
             raise CompressError(str(e)) from e
     elif auto:  # a budget that even rank 0 exceeds fails now, not after calibration
@@ -311,7 +311,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                      f"{len(options)} layouts and scoring them on {SEARCH_TOKENS} training tokens")
             if auto:
                 options = candidates(teacher, cfg.target_params, cfg.strategy, search_init, stats, allocate=True,
-                                     damp=cfg.damp)
+                                     damp=cfg.damp, max_compute=cfg.max_compute)
             best = search(teacher, stats, probe, options, cfg.seq_len, damp=cfg.damp, log=log)
             recursion = best.recursion
             save_state(layout_search=[{"loops": c.loops, "rank": c.rank, "params": c.params, "ppl": c.ppl}

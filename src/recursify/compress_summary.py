@@ -20,6 +20,57 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+DECODE_TOKENS = 16  # tokens generated per decode-speed measurement, after a 16-token prompt
+MAX_DECODE_BATCH = 16
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, vocab: int) -> float:
+    """Greedy decode tokens/s at `batch` sequences with HF `generate()` on the model's device: the
+    time of DECODE_TOKENS new tokens less that of the first (the prefill), so prefill is left out."""
+    import time
+
+    from .util.device import synchronize
+
+    device = next(model.parameters()).device
+    ids = torch.randint(3, vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up
+    return batch * (DECODE_TOKENS - 1) / max(timed(DECODE_TOKENS) - timed(1), 1e-9)
+
+
+def costs(models: dict) -> dict:
+    """Per model: weight bytes, multiply-adds per token (linears and head, `allocate.macs_per_token`)
+    and greedy decode speed at batch 1 and at the largest batch (up to 16) whose KV cache fits half
+    the device's free memory beside the teacher, measured on the device the models are on."""
+    from .allocate import macs_per_token
+    from .util.device import free_memory
+
+    teacher = models["teacher"]
+    device = next(teacher.parameters()).device
+    c = teacher.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * DECODE_TOKENS * 2
+    batch = max(1, min(MAX_DECODE_BATCH, int(free_memory(device) // 2 // max(kv_per_seq, 1))))
+    out = {}
+    for name, model in models.items():
+        recursion = getattr(model, "recursion", None) if name != "teacher" else None
+        macs = macs_per_token(teacher, recursion) if name != "baseline" else macs_per_token(model)
+        out[name] = {"weight_bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
+                     "macs_per_token": macs, "decode_batch": batch, "device": str(device),
+                     "decode_tok_s": {"1": decode_speed(model, 1, c.vocab_size),
+                                      str(batch): decode_speed(model, batch, c.vocab_size)}}
+    return out
+
+
 @torch.no_grad()
 def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: int,
             log: Callable[[str], None] = print) -> dict:
@@ -42,6 +93,7 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
             seq = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
             pair[name] = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True)
         res["generations"].append(pair)
+    res["cost"] = costs(models)
     if paper_items:
         import warnings
 
@@ -75,7 +127,7 @@ def build_summary(cfg: dict, state: dict, m: dict, models: dict, heldout_tokens:
         "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
         "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
         "seconds": seconds, "generations": m["generations"], "paper": m["paper"] or None,
-        "layout_search": state.get("layout_search"),
+        "layout_search": state.get("layout_search"), "cost": m.get("cost"),
     }
     if "baseline" in models:
         b = models["baseline"]
@@ -152,6 +204,20 @@ def render_summary(s: dict) -> str:
         side = "below" if ppl["student"] < base["ppl"] else "above"
         lines[-1] += (f" It is {side} the parameter-matched plain model's ({ppl['student']:.2f} against "
                       f"{base['ppl']:.2f}: {ppl['student'] / base['ppl']:.2f}x).")
+    cost = s.get("cost")
+    if cost:
+        b = next(iter(cost.values()))["decode_batch"]
+        lines += ["", f"Cost on {cost['teacher']['device']} (decode: greedy tokens/s after a 16-token prompt):", "",
+                  f"| model | weights | multiply-adds per token | decode, batch 1 | decode, batch {b} |",
+                  "|---|---:|---:|---:|---:|"]
+        for who, r in cost.items():
+            lines.append(f"| {LABELS[who]} | {r['weight_bytes'] / 2**20:.0f} MiB | {r['macs_per_token'] / 1e6:.1f}M | "
+                         f"{r['decode_tok_s']['1']:.1f} | {r['decode_tok_s'][str(b)]:.1f} |")
+        t, st = cost["teacher"], cost["student"]
+        lines += ["", f"The compressed model holds {st['weight_bytes'] / t['weight_bytes']:.2f}x the teacher's weight "
+                      f"bytes, does {st['macs_per_token'] / t['macs_per_token']:.2f}x its multiply-adds per token and "
+                      f"decodes at {st['decode_tok_s']['1'] / t['decode_tok_s']['1']:.2f}x its speed at batch 1 and "
+                      f"{st['decode_tok_s'][str(b)] / t['decode_tok_s'][str(b)]:.2f}x at batch {b}."]
     paper = s.get("paper") or {}
     if paper:
         from .eval.harness import DISPLAY_NAMES

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .allocate import allocate_ranks, parameter_count
+from .allocate import allocate_ranks, macs_per_token, parameter_count
 from .calibrate import CalibrationStats
 from .config import ConfigError, Layout, RecursionConfig
 from .families import arch_from_config, detect_family
@@ -29,6 +29,7 @@ class Candidate:
     recursion: RecursionConfig
     params: int
     ppl: float | None = None
+    compute: float | None = None  # multiply-adds per token as a fraction of the source's
 
     @property
     def loops(self) -> int:
@@ -73,12 +74,14 @@ def largest_rank(source, recursion: RecursionConfig, budget: int) -> RecursionCo
 
 def candidates(source, target_params: float, strategy: str = "cycle", init: str = "average",
                calibration: CalibrationStats | None = None, allocate: bool = False,
-               damp: float = 0.01) -> list[Candidate]:
+               damp: float = 0.01, max_compute: float | None = None) -> list[Candidate]:
     """Every loop count the layout allows (2 and up) that fits `target_params` of the source's
     parameters, each with the rank(s) that fill the budget: one uniform rank (capped per linear at
     its full rank), or per-linear ranks from the calibrated spectra with `allocate` (needs
-    `calibration`)."""
+    `calibration`). `max_compute`: keep only layouts whose multiply-adds per token are at most
+    that fraction of the source's (`allocate.macs_per_token`)."""
     total = sum(p.numel() for p in source.parameters())
+    source_macs = macs_per_token(source)
     budget = int(target_params * total)
     num_layers = _num_layers(source)
     found = []
@@ -96,7 +99,15 @@ def candidates(source, target_params: float, strategy: str = "cycle", init: str 
             recursion = dataclasses.replace(recursion, rank_pattern=pattern)
         else:
             recursion = uniform
-        found.append(Candidate(recursion, parameter_count(source, recursion)))
+        found.append(Candidate(recursion, parameter_count(source, recursion),
+                               compute=macs_per_token(source, recursion) / source_macs))
+    if found and max_compute is not None:
+        cheapest = min(c.compute for c in found)
+        found = [c for c in found if c.compute <= max_compute]
+        if not found:
+            raise ValueError(f"--max-compute {max_compute:g}: every layout of {target_params:.0%} of the parameters "
+                             f"needs at least {cheapest:.3f}x the teacher's multiply-adds per token; raise "
+                             "--max-compute or lower --target-params")
     if not found:
         smallest = RecursionConfig(num_loops=num_layers, strategy=strategy, init=init, lora_rank=0)
         floor = parameter_count(source, smallest) / total

@@ -43,6 +43,9 @@ def compress(
                               "stay float32) and of the evaluation, and the teacher's dtype while distilling: auto "
                               "(bfloat16 on a GPU that supports it, float32 on CPU), float32, bfloat16, float16. "
                               "Calibration and conversion maths stay float32/float64."),
+    max_compute: Optional[float] = typer.Option(None, "--max-compute", help="With --loops auto: only layouts whose "
+                                                "multiply-adds per token are at most this fraction of the teacher's "
+                                                "(e.g. 1.05: smaller and at most 5% more work per token). Default: no limit."),
     gradient_checkpointing: str = typer.Option("auto", "--gradient-checkpointing", help="Recompute each unrolled "
                                                "position's activations in the backward: auto (on when the memory plan "
                                                "does not fit without it), on, off."),
@@ -73,7 +76,8 @@ def compress(
                              batch_size=batch_size, lr=lr, max_tokens=max_tokens, local_fraction=local_fraction, exit_schedule=exit_schedule,
                              hidden_weight=hidden_weight, trainable=trainable, eval_tokens=eval_tokens,
                              baseline=baseline, baseline_lr=baseline_lr, paper_tasks=paper_tasks, overwrite=overwrite,
-                             device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+                             device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                             max_compute=max_compute)
         summary = run(cfg, log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     except CompressError as e:
         raise CLIError(str(e)) from e
