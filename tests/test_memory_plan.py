@@ -1,0 +1,105 @@
+"""compress's memory plan: gradient checkpointing and the output curvature given up to fit, a run
+that cannot fit refused before any work; multiply-adds per token counted by hand; gradient
+checkpointing gives the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_compress import cfg, teacher_dir  # noqa: F401 - the module-scoped fixture
+from tiny_models import make
+
+import recursify as rf
+import recursify.util.device as device_util
+from recursify.compress import CompressError, compress
+from recursify.util.memory import GiB
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _free(monkeypatch, nbytes: int):
+    monkeypatch.setattr(device_util, "free_memory", lambda device: nbytes)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(teacher_dir, tmp_path, monkeypatch):  # noqa: F811
+    _free(monkeypatch, 64 * 2**20)  # 64 MiB: less than the interpreter itself is planned to take
+    lines = []
+    with pytest.raises(CompressError) as e:
+        compress(cfg(teacher_dir, tmp_path / "out"), log=lines.append)
+    message = str(e.value)
+    assert "needs about" in message and "usable on cpu" in message and "try" in message
+    assert len(message.splitlines()) == 1
+    assert any(line.startswith("memory plan (estimated peaks): calibrate") for line in lines)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpointing_then_the_curvature_are_given_up_to_fit(monkeypatch):
+    """Shapes where distillation's activations decide the peak (8 x 512 tokens, 8 layers)."""
+    from transformers import LlamaConfig
+
+    from recursify.budget import HEADROOM, fit_memory, memory_plan
+    from recursify.util.device import resolve_placement
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2)
+    recursion = rf.RecursionConfig(num_loops=2, lora_rank=8)
+    where = resolve_placement("cpu", "float32")
+    args = dict(batch=8, seq_len=512, calib_tokens=4096, placement=where, target_params=None)
+    plain = memory_plan(config, recursion, **args, curvature=True, teacher_dtype=torch.float32, checkpointing="off")[0]
+    ckpt = memory_plan(config, recursion, **args, curvature=True, teacher_dtype=torch.float32, checkpointing="on")[0]
+    assert plain.peak_stage == "distil" and ckpt.peak < plain.peak
+
+    def fit(free, **kw):
+        _free(monkeypatch, int(free / HEADROOM) + 1)
+        return fit_memory(config, recursion, **args, **kw)
+
+    memory, _, changes, hint = fit(plain.peak, curvature=True, checkpointing="auto")
+    assert (changes, hint, memory.checkpointing, memory.curvature) == ([], None, False, True)
+    memory, _, changes, hint = fit(ckpt.peak, curvature=True, checkpointing="auto")
+    assert (changes, hint, memory.checkpointing, memory.curvature) == (["gradient checkpointing on"], None, True, True)
+    memory, _, changes, hint = fit(ckpt.peak, curvature=True, checkpointing="off")
+    assert hint is not None and "--gradient-checkpointing on" in hint
+
+
+def test_macs_per_token_by_hand():
+    from recursify.allocate import macs_per_token
+
+    source = make("llama")  # hidden 64, intermediate 96, 4 heads of 16, 2 KV heads, 6 layers, vocab 97
+    d, f, kv = 64, 96, 2 * 16
+    dense = d * d + d * kv + d * kv + d * d + d * f + d * f + f * d  # q k v o gate up down
+    assert macs_per_token(source) == 6 * dense + d * 97
+    r = 4
+    lora = r * ((d + d) + (d + kv) + (d + kv) + (d + d) + (d + f) + (d + f) + (f + d))
+    assert macs_per_token(source, rf.RecursionConfig(num_loops=2, lora_rank=r)) == 6 * (dense + lora) + d * 97
+
+
+def test_max_compute_keeps_only_layouts_within_it():
+    from recursify.layout_search import candidates
+
+    source = make("llama")
+    every = candidates(source, 0.8)
+    assert every and all(c.compute > 1 for c in every)
+    limit = min(c.compute for c in every)
+    kept = candidates(source, 0.8, max_compute=limit)
+    assert kept and all(c.compute <= limit for c in kept) and len(kept) <= len(every)
+    with pytest.raises(ValueError, match="--max-compute"):
+        candidates(source, 0.8, max_compute=1.0)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = rf.convert(make("gemma3"), rf.RecursionConfig(num_loops=3, lora_rank=4), progress=False).train()
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def run(on: bool):
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_positions = on
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run(False)
+    loss_ck, grads_ck = run(True)
+    torch.testing.assert_close(loss_ck, loss)
+    assert grads.keys() == grads_ck.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_ck[n], grads[n], msg=n)
