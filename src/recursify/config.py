@@ -229,7 +229,8 @@ class RecursiveConfig(PretrainedConfig):
         base = self.base_config
         # Surface what generation utilities look for; the unrolled depth stays num_hidden_layers so
         # that a Hugging Face cache gets one slot per unrolled position.
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "max_position_embeddings"):
             if key in base and key not in kwargs:
                 kwargs[key] = base[key]
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
