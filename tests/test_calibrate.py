@@ -96,7 +96,8 @@ def test_collected_covariance_equals_the_first_layers_input():
     stats = collect_stats(source, ids, batch_size=2, progress=False)
     with torch.no_grad():
         x = source.model.layers[0].input_layernorm(source.model.embed_tokens(ids)).reshape(-1, 64).double()
-    torch.testing.assert_close(stats.of("k")[0], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert stats.of("k").dtype == torch.float32  # one float32 stack per input (the closed forms go to float64)
+    torch.testing.assert_close(stats.of("k")[0].double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
     assert stats.num_tokens == 30 and stats.of("up").shape == (6, 64, 64) and stats.of("down").shape == (6, 96, 96)
 
 

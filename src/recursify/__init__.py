@@ -1,16 +1,11 @@
 """recursify: turn a pretrained decoder-only LLM into a smaller (Relaxed) Recursive Transformer."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from .config import ConfigError, Layout, RecursionConfig, RecursiveConfig
 from .convert import convert
 from .families import UnsupportedModelError, supported_model_types
 from . import families, hub
 from .hub import ModelLoadError, load_pretrained
-from .modeling import RecursiveForCausalLM
-
-AutoConfig.register("recursify", RecursiveConfig, exist_ok=True)
-AutoModelForCausalLM.register(RecursiveConfig, RecursiveForCausalLM, exist_ok=True)
+from .modeling import RecursiveForCausalLM  # importing it registers the architecture with the Auto classes
 
 __version__ = "0.1.0"
 

@@ -336,7 +336,7 @@ def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len:
 def calibrate(source, tokenizer, sources, num_tokens: int = 16_384, seq_len: int = 256,
               progress: bool = True) -> CalibrationStats:
     """Statistics of `source` on `num_tokens` tokens of user text, cached under $RECURSIFY_CACHE."""
-    from .hub import cache_root
+    from .util.paths import cache_root
 
     seqs = calibration_sequences(sources, tokenizer, num_tokens, seq_len)
     return cached_stats(source, seqs, cache_root() / "calibration", progress=progress)

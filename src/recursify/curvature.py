@@ -96,7 +96,7 @@ def with_curvature(stats: CalibrationStats, source, sequences: torch.Tensor, cac
     """`stats` with the output curvature on `sequences` attached (cached beside the input statistics
     in $RECURSIFY_CACHE unless `cache` is False), so that `convert` and `sequential_calibrate` fit
     both sides."""
-    from .hub import cache_root
+    from .util.paths import cache_root
 
     curvature = cached_curvature(source, sequences, cache_root() / "calibration" if cache else None, progress=progress)
     return dataclasses.replace(stats, curvature=curvature, curvature_tokens=sequences.numel())

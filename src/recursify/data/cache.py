@@ -89,7 +89,7 @@ class DataConfig:
 
 def default_cache_dir() -> Path:
     """``$RECURSIFY_CACHE/tokens`` if set, else ``~/.cache/recursify/tokens``."""
-    from ..hub import cache_root
+    from ..util.paths import cache_root
 
     return cache_root() / "tokens"
 

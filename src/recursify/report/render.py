@@ -14,10 +14,10 @@ import os
 import platform
 from pathlib import Path
 
-from .plan import Cell, middle_rank
+from .plan import Cell
 from .plots import PLOTS, plot_all
+from .tables import NOISE, Results, _better, _fmt_params, _fmt_ppl, _off, _table  # noqa: F401
 
-NOISE = 0.02  # relative perplexity difference below which a comparison is inconclusive
 FULL_RANK_TOL = 1e-3  # the full-rank conversion is exact: only float rounding may move its perplexity
 
 
@@ -25,45 +25,15 @@ def _rec(**kw) -> str:
     return Cell(model="recursive", trained=kw.pop("trained", True), **kw).key
 
 
-def _fmt_ppl(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:.1f}" if x < 1e4 else f"{x:.2e}"
 
 
-def _fmt_params(n) -> str:
-    return f"{n / 1e6:.1f}"
 
 
-class Results:
-    def __init__(self, summary: dict):
-        self.summary = summary
-        self.cells = {c["key"]: c for c in summary["cells"]}
-        self.budget = summary["budget"]
-
-    def get(self, key: str) -> dict | None:
-        c = self.cells.get(key)
-        return c["result"] if c else None
-
-    def ppl(self, key: str) -> float | None:
-        r = self.get(key)
-        return r["ppl"] if r else None
-
-    def tagged(self, tag: str) -> list[dict]:
-        return [c for c in self.summary["cells"] if tag in c["tags"]]
-
-    @property
-    def mid_rank(self):
-        return middle_rank(self.budget["ranks"])
 
 
 # ---------------------------------------------------------------------------------------- tables
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main_rows(res: Results) -> tuple[list[str], list[list[str]]]:
@@ -133,11 +103,6 @@ def _measured(res: Results, keys: dict) -> dict:
     return {name: v for name, v in vals.items() if v is not None and not math.isnan(v)}
 
 
-def _off(x: float, ref: float) -> str:
-    """Signed relative difference; a ratio once the two are 10x apart (where -100.0% says nothing)."""
-    if x > 0 and ref > 0 and max(x / ref, ref / x) >= 10:
-        return f"{ref / x:,.0f}x lower" if x < ref else f"{x / ref:,.0f}x higher"
-    return f"{(x - ref) / ref:+.1%}"
 
 
 def full_rank_note(res: Results) -> str:
@@ -234,13 +199,6 @@ def _verdict(ours_better: bool | None) -> str:
     return {True: "**agrees**", False: "**disagrees**", None: "inconclusive"}[ours_better]
 
 
-def _better(a: float | None, b: float | None) -> bool | None:
-    """True if perplexity a is clearly lower than b, False if clearly higher, None within noise."""
-    if a is None or b is None:
-        return None
-    if abs(a - b) <= NOISE * min(a, b):
-        return None
-    return a < b
 
 
 def _best(res: Results, keys: dict[str, str]) -> tuple[str | None, str]:

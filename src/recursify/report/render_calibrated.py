@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from .plan import calibration_cells
-from .render import NOISE, Results, _better, _fmt_params, _fmt_ppl, _off, _table
+from .tables import NOISE, Results, _better, _fmt_params, _fmt_ppl, _off, _table
 
 # table rows: label, the untrained cell, the trained cell (names of `plan.calibration_cells`)
 ROWS = (("plain SVD conversion", "plain", "plain_kd"),

@@ -13,7 +13,6 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 
 from .losses import EXIT_SCHEDULES
 

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .checkpoint import latest_checkpoint, restore_model, restore_training_state, save_checkpoint, student_state
+from .checks import check_out_dir as _check_out_dir, check_student as _check_student, load as _load
 from .config import (RUN_IDENTITY, TrainConfig, TrainError, build_parser, fit_steps_to_time, lr_factor,
                      warn)
 from .losses import LossConfig, distillation_loss
@@ -88,50 +89,6 @@ class Setup:
     teacher: nn.Module | None
     train_ds: Any
     heldout_ds: Any
-
-
-def _check_out_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise TrainError(f"output directory {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    if cfg.overwrite and out.exists():
-        student = Path(cfg.student).expanduser().resolve()
-        if student == out.resolve() or out.resolve() in student.parents:
-            raise TrainError(f"--overwrite would delete the student {cfg.student} inside {out}; choose another --out")
-
-
-def _load(cfg: TrainConfig, name: str, role: str, dtype=torch.float32):
-    """Load a model and refuse one whose context is shorter than seq_len."""
-    from ..hub import ModelLoadError, load_pretrained
-
-    try:
-        model, tokenizer = load_pretrained(name, dtype=dtype)
-    except ModelLoadError as e:
-        raise TrainError(f"cannot load the {role}: {e}") from e
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and cfg.seq_len > limit:
-        raise TrainError(f"seq_len={cfg.seq_len} is beyond the {role}'s max_position_embeddings={limit}")
-    return model, tokenizer
-
-
-def _check_student(student, teacher, cfg: TrainConfig) -> None:
-    """Exit losses need loop boundaries; hidden-state targets need one position per teacher layer."""
-    from ..modeling import RecursiveForCausalLM
-
-    recursive = isinstance(student, RecursiveForCausalLM)
-    for name, value, off in (("exit_schedule", cfg.exit_schedule, "none"), ("hidden_weight", cfg.hidden_weight, 0)):
-        if value != off and not recursive:
-            raise TrainError(f"{name}={value!r} needs a recursive student (this one is a {type(student).__name__}); "
-                             f"use {name}={off}")
-    if cfg.exit_schedule != "none" and not student.layout.loopable:
-        raise TrainError(f"exit_schedule={cfg.exit_schedule!r} needs loop boundaries, which strategy "
-                         f"{student.layout.strategy!r} lacks; use a cycle strategy or exit_schedule=none")
-    layers = teacher.config.get_text_config().num_hidden_layers if cfg.hidden_weight else None
-    if cfg.hidden_weight and student.layout.num_layers != layers:
-        raise TrainError(f"hidden_weight={cfg.hidden_weight}: the student unrolls {student.layout.num_layers} "
-                         f"positions but the teacher has {layers} layers; distil from the model it was converted from")
 
 
 def _setup(cfg: TrainConfig, loaded_teacher=None) -> Setup:
@@ -432,6 +389,10 @@ def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: fl
         metrics.close()
         for sig, old in handlers.items():
             signal.signal(sig, old)
+        # The accelerator keeps the prepared model and optimizer: drop them, so that a caller that goes
+        # on (compress's evaluation) does not hold the student, its gradients and Adam's moments.
+        del model, optimizer
+        accelerator.free_memory()
     return result
 
 
