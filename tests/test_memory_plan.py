@@ -103,3 +103,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert grads.keys() == grads_ck.keys() and grads
     for n in grads:
         torch.testing.assert_close(grads_ck[n], grads[n], msg=n)
+
+
+def test_conversion_cost_is_smollm2s_for_smollm2_and_grows_with_width():
+    """The time planner's conversion cost was measured on SmolLM2: its shape must scale it by
+    exactly 1; a model of TinyLlama's shape decomposes 2048-wide matrices (about 4x the work per
+    forward, computed by hand in `budget.conversion_scale`'s docstring)."""
+    from transformers import LlamaConfig
+
+    from recursify.budget import conversion_scale
+    from recursify.families import arch_from_config, detect_family
+
+    def scale(**kw):
+        config = LlamaConfig(**kw)
+        family = detect_family(config)
+        return conversion_scale(arch_from_config(family, config), family)
+
+    smollm2 = scale(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3)
+    assert smollm2 == pytest.approx(1.0)
+    tinyllama = scale(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4)
+    # by hand: 22 * (5 * 2048^3 + 2 * 256^3) / (22 * (2 * 2048^2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 2048 * 49152)
+    by_hand = 22 * (5 * 2048**3 + 2 * 256**3) / (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 2048 * 49152)
+    smol = 30 * (5 * 576**3 + 2 * 192**3) / (30 * (2 * 576**2 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152)
+    assert tinyllama == pytest.approx(by_hand / smol) and 3.5 < tinyllama < 4.5

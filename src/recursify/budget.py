@@ -7,10 +7,31 @@ from __future__ import annotations
 import time
 
 
-def convert_forwards(init: str) -> int:
+def convert_forwards(init: str, scale: float = 1.0) -> float:
     """A conversion's time in teacher forwards (measured on SmolLM2 / 2 cores): about 10k whatever
-    the tokens, four times that with the joint calibrated shared-weight fit."""
-    return 40_000 if init == "calibrated" else 10_000
+    the tokens, four times that with the joint calibrated shared-weight fit; times `scale`
+    (`conversion_scale`) for another model."""
+    return (40_000 if init == "calibrated" else 10_000) * scale
+
+
+def _decomposition_per_forward(arch, family) -> float:
+    """A conversion's decompositions (an eigendecomposition of min(d_in, d_out) per linear and
+    position: cubic) per multiply-add of one token's forward (quadratic)."""
+    shapes = [arch.linear_shape(n) for n in family.linears]
+    cubic = arch.num_layers * sum(min(d_in, d_out) ** 3 for d_in, d_out in shapes)
+    macs = arch.num_layers * sum(d_in * d_out for d_in, d_out in shapes) + arch.hidden_size * arch.vocab_size
+    return cubic / macs
+
+
+# SmolLM2-135M's ratio (30 layers of 576 / 1536, vocabulary 49152), which `convert_forwards` was measured on
+_SMOLLM2_RATIO = 30 * (5 * 576**3 + 2 * 192**3) / (30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152)
+
+
+def conversion_scale(arch, family) -> float:
+    """How many times SmolLM2's conversion time, in its own forwards, a model's conversion takes:
+    eigendecompositions grow with the cube of the width, a forward with its square (a 1B model
+    of TinyLlama's shape: about 4x)."""
+    return _decomposition_per_forward(arch, family) / _SMOLLM2_RATIO
 
 
 def curvature_forwards(tokens: int, sequential: bool) -> int:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .budget import Clock, parse_duration, convert_forwards as _convert_forwards, curvature_forwards as _curvature_forwards
+from .budget import Clock, conversion_scale, parse_duration, convert_forwards as _convert_forwards, curvature_forwards as _curvature_forwards
 from .compress_summary import fmt_seconds as _fmt_s
 from .compress_summary import build_summary, measure, render_summary
 
@@ -179,8 +179,10 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             resolve_sources(cfg.heldout)
         source_config = rf.hub.load_config(cfg.model)
         family = rf.families.detect_family(source_config)
+        arch = rf.families.arch_from_config(family, source_config)
         if not auto_loops:
-            rf.Layout.build(rf.families.arch_from_config(family, source_config).num_layers, recursion)
+            rf.Layout.build(arch.num_layers, recursion)
+        scale = conversion_scale(arch, family)  # a conversion's cost in forwards, relative to SmolLM2's
     except ValueError as e:
         raise CompressError(str(e)) from e
     memory = _check_memory(cfg, source_config, recursion, where, log)
@@ -203,7 +205,6 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
 
     def stage(i: int, text: str):
         log(f"[{i}/5] {text}  ({_fmt_s(clock.spent)} of {_fmt_s(clock.budget)} spent)")
-
     save_state()
     if resumed:
         log(f"resuming the interrupted run in {work}")
@@ -252,10 +253,9 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     sequential = cfg.sequential and state.get("sequential", True)
     curvature = cfg.curvature and curvature_fits and state.get("curvature", True)
     if not (converted / "config.json").exists():
-        # Fit the preparation to the budget: no layout search, then no output curvature, then fewer
-        # calibration tokens (down to 2048), then average init instead of the joint fit, then no
-        # sequential refit, before giving up. Measured on SmolLM2 / 2 cores: statistics cost about 4
-        # forwards per token (nothing when cached), the refit about 12; a conversion `_convert_forwards`.
+        # Fit the preparation to the budget: no layout search, then no output curvature, then fewer calibration
+        # tokens (down to 2048), then average init, then no sequential refit, before giving up. Statistics cost
+        # about 4 forwards per token (nothing when cached), the refit 12; a conversion `_convert_forwards`.
         calib_tokens, searching, init = cfg.calib_tokens, auto_loops, cfg.init
         n_probe = max(1, SEARCH_TOKENS // cfg.seq_len)
         while True:
@@ -266,8 +266,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             held = (min(n_probe, beyond) if beyond > 0 else len(seqs) // 2) if searching else 0  # short text: halves
             seqs, probe = (seqs[:-held], seqs[-held:]) if held else (seqs, seqs[-n_probe:])
             cached = stats_path(teacher, seqs, cache_root() / "calibration").exists()
-            convert_s = _convert_forwards(init) / fwd
-            search_s = len(options) * _convert_forwards(search_init) / fwd if searching else 0
+            convert_s = _convert_forwards(init, scale) / fwd
+            search_s = len(options) * _convert_forwards(search_init, scale) / fwd if searching else 0
             prep = (0 if cached else 4 * seqs.numel() / fwd) + convert_s + search_s
             refit = 12 * min(8192, seqs.numel()) / fwd if sequential else 0
             refit += _curvature_forwards(min(8192, seqs.numel()), sequential) / fwd if curvature else 0
@@ -291,7 +291,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         if init == "calibrated" and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the calibrated shared-weight fit; using average init "
                 "(raise --time-budget to keep it)")
-            prep -= (_convert_forwards(init) - _convert_forwards("average")) / fwd
+            prep -= (_convert_forwards(init, scale) - _convert_forwards("average", scale)) / fwd
             init = "average"
         if sequential and clock.left < prep + refit + reserve + 10 * step_s:
             log("      the budget is too short for the sequential refit; skipping it (raise --time-budget to keep it)")

@@ -389,10 +389,6 @@ def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: fl
         metrics.close()
         for sig, old in handlers.items():
             signal.signal(sig, old)
-        # The accelerator keeps the prepared model and optimizer: drop them, so that a caller that goes
-        # on (compress's evaluation) does not hold the student, its gradients and Adam's moments.
-        del model, optimizer
-        accelerator.free_memory()
     return result
 
 
