@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="run every step on the CPU at toy sizes (no GPU needed)")
     ap.add_argument("--budget", default="5m", help="compress's time budget")
     ap.add_argument("--data", default=None, help="training text (default: corpus/python-docs/train; the dry run: "
-                    "the paragraphs of this checkout's README.md, held out on docs/ARCHITECTURE.md's: no download)")
+                    "the paragraphs of this checkout's README.md and docs/, held out on docs/ARCHITECTURE.md's: no download)")
     ap.add_argument("--work", default=None, help="folder for the student and the step outputs")
     ap.add_argument("--out", default="gpu_check.json")
     args = ap.parse_args(argv)
@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     student = work / "student"
     data, heldout = args.data or "corpus/python-docs/train", []
     if args.dry_run and not args.data:  # text that every checkout has, one JSONL document per paragraph
-        for name, src in (("train", "README.md"), ("heldout", "docs/ARCHITECTURE.md")):
-            paragraphs = [p for p in (ROOT / src).read_text().split("\n\n") if len(p) > 80]
+        train = sorted(p for p in (ROOT / "docs").rglob("*.md") if p.name != "ARCHITECTURE.md") + [ROOT / "README.md"]
+        for name, files in (("train", train), ("heldout", [ROOT / "docs" / "ARCHITECTURE.md"])):
+            paragraphs = [p for f in files for p in f.read_text().split("\n\n") if len(p) > 80]
             (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
         data, heldout = str(work / "train.jsonl"), ["--heldout", str(work / "heldout.jsonl")]
     compress = cli + ["compress", model, "--data", data, *heldout, "--out", str(student), "--loops", "2",

@@ -56,7 +56,7 @@ class CompressConfig:
     trainable: str = "all"  # what KD trains (recursify train --trainable); the baseline trains the same set
     eval_tokens: int = 4096
     baseline: bool = False  # also distil the parameter-matched plain model for the same training time
-    baseline_lr: float = 1e-3  # its own peak LR: the plain model's best in the README's sweep
+    baseline_lr: float = 1e-3  # its own peak LR: the plain model's best in the sweep of docs/results
     paper_tasks: int = 0  # items per task of the paper's seven benchmarks to evaluate (0: none)
     overwrite: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu

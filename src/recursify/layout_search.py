@@ -119,7 +119,7 @@ def candidates(source, target_params: float, strategy: str = "cycle", init: str 
 def without_search(source, options: list[Candidate]) -> Candidate:
     """The layout to take when the budget cannot pay for the search: the most loops that still
     share at least 3 layers (10 loops of 3 were the best, or within 1 % of it after training, at
-    50 % and 75 % of SmolLM2-135M; see the README)."""
+    50 % and 75 % of SmolLM2-135M; see docs/results/layouts.md)."""
     num_layers = _num_layers(source)
     blocks = {id(c): Layout.build(num_layers, c.recursion).block_size for c in options}
     wide = [c for c in options if blocks[id(c)] >= 3]

@@ -68,7 +68,7 @@ class Budget:
 
 
 BUDGETS = {
-    # ~45-55 minutes on 2 CPU cores for SmolLM2-135M (see README); tiny KD budgets only show trends.
+    # ~45-55 minutes on 2 CPU cores for SmolLM2-135M (see docs/results); tiny KD budgets only show trends.
     "small": Budget(name="small", train_tokens=8192, seq_len=128, batch_size=4, lr=5e-4, warmup_steps=2,
                     eval_tokens=2048, eval_context=256, agreement_tokens=1024, task_limit=20, curve_points=4,
                     train_grid=False, calib_tokens=8192),
