@@ -234,8 +234,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monk
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     real_train = trainer_mod.train
 
-    def interrupted(config, on_step=None):
-        return real_train(config, on_step=lambda rec: rec["step"] == 3 and signal.raise_signal(signal.SIGINT))
+    def interrupted(config, on_step=None, **kw):
+        return real_train(config, on_step=lambda rec: rec["step"] == 3 and signal.raise_signal(signal.SIGINT), **kw)
 
     monkeypatch.setattr(trainer_mod, "train", interrupted)
     out = tmp_path / "resumed"

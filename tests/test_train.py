@@ -676,4 +676,5 @@ def test_bf16_autocast_distils_as_well_as_fp32(fx, tmp_path):
         result = train(config(fx, tmp_path / dtype, max_tokens=8 * SEQ * 20, dtype=dtype, teacher_dtype="float32",
                               eval_every=0, exit_schedule="none"))
         losses[dtype] = result["eval_loss"]
+    assert losses["bfloat16"] != losses["float32"]  # bf16 rounding did happen: autocast was on
     assert abs(losses["bfloat16"] - losses["float32"]) <= 0.05 * losses["float32"], losses

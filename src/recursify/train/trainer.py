@@ -112,7 +112,15 @@ def _setup(cfg: TrainConfig, loaded_teacher=None) -> Setup:
         torch.cuda.set_device(where.device)
     # Weights and optimizer state stay float32; the forward runs under autocast in the compute dtype.
     mp = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[where.dtype]
-    accelerator = Accelerator(cpu=where.device.type == "cpu", mixed_precision=mp)
+    try:
+        accelerator = Accelerator(cpu=where.device.type == "cpu", mixed_precision=mp)
+    except ValueError:  # one process, another run's precision: accelerate keeps it process-wide
+        from accelerate.state import AcceleratorState, PartialState
+
+        if PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=where.device.type == "cpu", mixed_precision=mp)
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch_size={cfg.batch_size} must be divisible by processes*grad_accum = "
