@@ -10,7 +10,7 @@ import torch
 
 import recursify as rf
 from recursify.engine import ExitConfig, LLMEngine, ParamError, SamplingParams, resolve_exit
-from recursify.engine.exit_policy import ExitPolicy, entropy_confidence, max_softmax, saturation
+from recursify.engine.exit_policy import ExitPolicy, entropy_confidence, forced_depth, max_softmax, saturation
 from tiny_models import make
 
 
@@ -46,27 +46,28 @@ class _Item:
 def test_decisions_sit_on_the_threshold():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]))
     items = [_Item(), _Item()]
-    assert ExitPolicy(ExitConfig("confidence", 0.5)).decide(items, None, None, logits) == [True, True]
-    assert ExitPolicy(ExitConfig("confidence", 0.6)).decide(items, None, None, logits) == [False, True]
-    assert ExitPolicy(ExitConfig("confidence", 0.71)).decide(items, None, None, logits) == [False, False]
+    assert ExitPolicy(ExitConfig("confidence", 0.5)).decisions([0, 0], [None, None], None, None, logits)[0] == [True, True]
+    assert ExitPolicy(ExitConfig("confidence", 0.6)).decisions([0, 0], [None, None], None, None, logits)[0] == [False, True]
+    assert ExitPolicy(ExitConfig("confidence", 0.71)).decisions([0, 0], [None, None], None, None, logits)[0] == [False, False]
     # entropy: row 0 scores 0.0536, row 1: 1 - H(0.7, 0.2, 0.1)/ln 3
     h1 = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
     s1 = 1 - h1 / math.log(3)
-    assert ExitPolicy(ExitConfig("entropy", 0.05)).decide(items, None, None, logits) == [True, True]
-    assert ExitPolicy(ExitConfig("entropy", (0.0536 + s1) / 2)).decide(items, None, None, logits) == [False, True]
+    assert ExitPolicy(ExitConfig("entropy", 0.05)).decisions([0, 0], [None, None], None, None, logits)[0] == [True, True]
+    assert ExitPolicy(ExitConfig("entropy", (0.0536 + s1) / 2)).decisions([0, 0], [None, None], None, None, logits)[0] == [False, True]
     h = torch.tensor([[1.0, 1.0], [3.0, 0.0]])
     prev = torch.tensor([[1.0, 0.0], [6.0, 0.1]])
     cos1 = 18 / (3 * math.sqrt(36.01))
-    assert ExitPolicy(ExitConfig("saturation", 0.70)).decide(items, h, prev, None) == [True, True]
-    assert ExitPolicy(ExitConfig("saturation", 0.71)).decide(items, h, prev, None) == [False, True]
-    assert ExitPolicy(ExitConfig("saturation", cos1 + 1e-4)).decide(items, h, prev, None) == [False, False]
+    assert ExitPolicy(ExitConfig("saturation", 0.70)).decisions([0, 0], [None, None], h, prev, None)[0] == [True, True]
+    assert ExitPolicy(ExitConfig("saturation", 0.71)).decisions([0, 0], [None, None], h, prev, None)[0] == [False, True]
+    assert ExitPolicy(ExitConfig("saturation", cos1 + 1e-4)).decisions([0, 0], [None, None], h, prev, None)[0] == [False, False]
     # replay: token n leaves after schedule[n] loops; oracle never leaves, records argmax
     replay = ExitPolicy(ExitConfig("replay"))
-    assert replay.decide([_Item(0, 1, [3, 1]), _Item(0, 0, [3, 1]), _Item(1, 2, [3, 1])], None, None, None) == [
-        True, False, False]
+    replayed = [_Item(0, 1, [3, 1]), _Item(0, 0, [3, 1]), _Item(1, 2, [3, 1])]
+    assert [forced_depth(it.request) for it in replayed] == [1, 3, None]  # token n of the schedule
+    assert replay.decisions([0, 0, 1], [1, 3, None], None, None, None)[0] == [True, False, False]
     oracle = ExitPolicy(ExitConfig("oracle"))
-    assert oracle.decide(items, None, None, logits) == [False, False]
-    assert [it.loop_argmax for it in items] == [[0], [0]]
+    assert oracle.decisions([0, 0], [None, None], None, None, logits) == ([False, False], [0, 0])
+    items[0].loop_argmax = [0]  # what the scheduler records of loop 1's argmax (update_from_output)
     assert oracle.final_depth(items[0], 0, 3) == 1  # the full-depth argmax 0 was loop 1's
     assert oracle.final_depth(items[0], 1, 3) == 3  # no earlier loop agreed with argmax 1
 

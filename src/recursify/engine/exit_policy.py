@@ -159,14 +159,6 @@ class ExitPolicy:
             return [False] * n, None
         return (self.scores(hidden, previous, logits, loops) >= self.config.threshold).tolist(), None
 
-    def decide(self, items, hidden: torch.Tensor, previous: torch.Tensor | None,
-               logits: torch.Tensor | None) -> list[bool]:
-        exits, argmax = self.decisions([it.loop for it in items], [forced_depth(it.request) for it in items],
-                                       hidden, previous, logits)
-        for it, a in zip(items, argmax or []):
-            it.loop_argmax.append(a)
-        return exits
-
     def final_depth(self, item, final: int, num_loops: int) -> int:
         """Depth recorded for a token that ran every loop (oracle: the first loop whose argmax
         agreed with `final`, the full-depth argmax); `item` is anything with the `loop_argmax` of
