@@ -185,10 +185,10 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         scale = conversion_scale(arch, family)  # a conversion's cost in forwards, relative to SmolLM2's
     except ValueError as e:
         raise CompressError(str(e)) from e
-    memory = _check_memory(cfg, source_config, recursion, where, log)
-    checkpointing, curvature_fits = memory.checkpointing, memory.curvature
     if out.exists() and not cfg.overwrite:
         raise CompressError(f"{out} already exists; pass --overwrite to replace it")
+    memory = _check_memory(cfg, source_config, recursion, where, log)
+    checkpointing, curvature_fits = memory.checkpointing, memory.curvature
     if cfg.overwrite and work.exists():
         shutil.rmtree(work)
     state_file = work / "state.json"
