@@ -678,3 +678,18 @@ def test_bf16_autocast_distils_as_well_as_fp32(fx, tmp_path):
         losses[dtype] = result["eval_loss"]
     assert losses["bfloat16"] != losses["float32"]  # bf16 rounding did happen: autocast was on
     assert abs(losses["bfloat16"] - losses["float32"]) <= 0.05 * losses["float32"], losses
+
+
+def test_train_takes_model_objects_and_trains_the_student_in_place(fx, tmp_path):
+    """No path is read for a model passed in: the config's names may not even exist."""
+    tok = word_tokenizer()
+    teacher, _ = rf.load_pretrained(str(fx / "teacher"))
+    student, _ = rf.load_pretrained(str(fx / "student"))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    result = train(config(fx, tmp_path / "run", student="not/a/folder", teacher="not/a/folder/either",
+                          max_tokens=8 * SEQ * 3), teacher=(teacher, tok), student=(student, tok))
+    assert result["step"] == 3
+    assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+    reloaded, _ = rf.load_pretrained(str(tmp_path / "run"))
+    for n, p in reloaded.named_parameters():
+        torch.testing.assert_close(p, dict(student.named_parameters())[n], msg=n)

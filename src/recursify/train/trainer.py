@@ -91,7 +91,7 @@ class Setup:
     heldout_ds: Any
 
 
-def _setup(cfg: TrainConfig, loaded_teacher=None) -> Setup:
+def _setup(cfg: TrainConfig, loaded_teacher=None, loaded_student=None) -> Setup:
     """Check every input, load both models and the data: a TrainError here leaves out/ untouched."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -127,7 +127,8 @@ def _setup(cfg: TrainConfig, loaded_teacher=None) -> Setup:
                          f"{world}*{cfg.grad_accum}")
     set_seed(cfg.seed)
 
-    student, tokenizer = _load(cfg, cfg.student, "student")
+    student, tokenizer = loaded_student if loaded_student is not None else _load(cfg, cfg.student, "student")
+    student.float()  # float32 master weights whatever the student was loaded in
     teacher = None
     if cfg.alpha > 0 or cfg.hidden_weight > 0:
         if loaded_teacher is not None:
@@ -258,13 +259,14 @@ def _catch_signals(stop: dict) -> dict:
     return handlers
 
 
-def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, teacher=None) -> dict:
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, teacher=None, student=None) -> dict:
     """Run (or resume) a distillation run; returns the final metrics.
 
     ``on_step(record)`` is called on every process after each optimizer step with that step's
-    metrics record (for notebooks, tests, custom logging). ``teacher``: an already-loaded teacher
-    model (with its tokenizer as ``(model, tokenizer)``) used instead of reading ``cfg.teacher``
-    again; it is moved to the run's device and teacher dtype in place.
+    metrics record (for notebooks, tests, custom logging). ``teacher`` / ``student``: models already
+    loaded, each as ``(model, tokenizer)``, used instead of reading ``cfg.teacher`` / ``cfg.student``
+    (which then only name them in the run's config); they are moved to the run's device and dtypes
+    in place, and the student is trained in place.
     """
     from ..cpu_heap import keep_freed_memory
 
@@ -272,15 +274,15 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, te
     # Each step frees and allocates the same large buffers: keep them in the heap while the run's
     # tensors live, and give the memory back once they are gone.
     with keep_freed_memory():
-        return _train(cfg, on_step, t_enter, teacher)
+        return _train(cfg, on_step, t_enter, teacher, student)
 
 
-def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: float, teacher=None) -> dict:
+def _train(cfg: TrainConfig, on_step: Callable[[dict], None] | None, t_enter: float, teacher=None, student=None) -> dict:
     from tqdm.auto import tqdm
 
     from ..data import batches
 
-    run = _setup(cfg, teacher)
+    run = _setup(cfg, teacher, student)
     accelerator, out = run.accelerator, Path(cfg.out)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     tokens_per_step, total_steps = cfg.batch_size * cfg.seq_len, cfg.total_steps
