@@ -162,7 +162,7 @@ def test_a_short_budget_gives_up_the_layout_search_before_calibration_text(teach
 
     monkeypatch.setattr(recursify.calibrate, "cached_stats", stats_spy)
     # scoring the layouts (average init) would take days; the chosen layout's own conversion does not
-    monkeypatch.setattr(compress_module, "_convert_forwards", lambda init: 10**12 if init == "average" else real_cost(init))
+    monkeypatch.setattr(compress_module, "_convert_forwards", lambda init, scale=1.0: 10**12 if init == "average" else real_cost(init, scale))
     lines = []
     s = compress(cfg(teacher_dir, tmp_path / "short", loops="auto", lora_rank=None, target_params=0.8,
                      calib_tokens=4096, max_tokens=8 * 16 * 4, time_budget=300.0), log=lines.append)
