@@ -11,7 +11,7 @@ import torch
 
 import recursify as rf
 from recursify.engine import ExitConfig, LLMEngine, SamplingParams
-from recursify.util.device import DeviceError, resolve_device, resolve_dtype, resolve_placement
+from recursify.util.device import DeviceError, resolve_dtype, resolve_placement
 from tiny_models import FAMILIES, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

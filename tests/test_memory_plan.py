@@ -12,7 +12,6 @@ from tiny_models import make
 import recursify as rf
 import recursify.util.device as device_util
 from recursify.compress import CompressError, compress
-from recursify.util.memory import GiB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

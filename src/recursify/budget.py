@@ -69,43 +69,37 @@ class Clock:
         return self.budget - self.spent
 
 
-def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool,
-                placement, teacher_dtype, target_params: float | None = None, checkpointing: str = "auto"):
-    """The memory plan of a compress run, from the source's config alone (models built on the meta
-    device, so nothing is allocated): (MemoryPlan, free bytes on the device). With checkpointing
-    "auto", gradient checkpointing is turned on when the plan does not fit without it."""
+def compress_shapes(source_config, recursion, target_params: float | None = None):
+    """The shapes the memory estimates need, from the source's config alone (the teacher built on
+    the meta device, the student counted by `allocate.parameter_count`: nothing is allocated).
+    With `target_params` the student's size is that fraction of the teacher's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .convert import build_config
+    from .allocate import parameter_count
     from .families import arch_from_config, detect_family
-    from .modeling import RecursiveForCausalLM
-    from .util.device import free_memory
-    from .util.memory import estimate, shapes_of
+    from .util.memory import shapes_of
 
     family = detect_family(source_config)
-    arch = arch_from_config(family, source_config)
     with torch.device("meta"):
         source = AutoModelForCausalLM.from_config(source_config)
-        teacher_params = sum(p.numel() for p in source.parameters())
-        if target_params is not None:
-            student_params = int(target_params * teacher_params)
-        else:
-            student = RecursiveForCausalLM(build_config(source, recursion))
-            student_params = student.parameter_breakdown()["total"]
-    shapes = shapes_of(arch, family, teacher_params, student_params)
-    free = free_memory(placement.device)
-    compute = torch.finfo(placement.dtype).bits // 8
-    teacher_bytes = torch.finfo(teacher_dtype).bits // 8
+    teacher_params = sum(p.numel() for p in source.parameters())
+    student_params = (int(target_params * teacher_params) if target_params is not None
+                      else parameter_count(source, recursion))
+    return shapes_of(arch_from_config(family, source_config), family, teacher_params, student_params)
 
-    def plan(on: bool):
-        return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
-                        teacher_bytes=teacher_bytes, compute_bytes=compute, checkpointing=on)
 
-    result = plan(checkpointing == "on")
-    if checkpointing == "auto" and result.peak > free:
-        result = plan(True)
-    return result, free
+def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool,
+                placement, teacher_dtype, target_params: float | None = None, checkpointing: str = "off"):
+    """(MemoryPlan, free bytes on the device) of a compress run as asked: checkpointing "on" or
+    "off" (`fit_memory` decides "auto")."""
+    from .util.device import free_memory
+    from .util.memory import estimate
+
+    shapes = compress_shapes(source_config, recursion, target_params)
+    return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
+                    teacher_bytes=teacher_dtype.itemsize, compute_bytes=placement.dtype.itemsize,
+                    checkpointing=checkpointing == "on"), free_memory(placement.device)
 
 
 HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %
@@ -113,39 +107,37 @@ HEADROOM = 0.85  # plan for this share of the free memory: the estimates are goo
 
 def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, placement,
                target_params: float | None, checkpointing: str):
-    """Fit the run to the device's memory: (plan, free bytes, changes made, hint). Gradient
+    """Fit the run to the device's memory: (plan, usable bytes, changes made, hint). Gradient
     checkpointing (when "auto") and then the output curvature are given up first, as the time
     planner gives up work for a short budget; `changes` names them. `hint` is None when the plan
     fits, else the first option (a command-line flag) that would make it fit."""
-    import dataclasses
-
     import torch
 
-    def plan(**kw):
-        args = dict(batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature, placement=placement,
-                    teacher_dtype=placement.dtype, target_params=target_params, checkpointing=checkpointing)
-        args.update(kw)
-        return memory_plan(source_config, recursion, **args)
+    from .util.device import free_memory
+    from .util.memory import estimate
 
-    memory, free = plan()
-    free = int(free * HEADROOM)
-    changes: list[str] = []
-    if memory.peak > free and checkpointing == "auto" and not memory.checkpointing:
-        memory = plan(checkpointing="on")[0]
-    if memory.checkpointing and checkpointing == "auto":
+    shapes = compress_shapes(source_config, recursion, target_params)
+    free = int(free_memory(placement.device) * HEADROOM)
+
+    def plan(batch=batch, curvature=curvature, on=checkpointing == "on", dtype=placement.dtype):
+        return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
+                        teacher_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, checkpointing=on)
+
+    memory, changes = plan(), []
+    auto = checkpointing == "auto"
+    if memory.peak > free and auto:
+        memory = plan(on=True)
         changes.append("gradient checkpointing on")
     if memory.peak > free and curvature:
-        memory = plan(curvature=False, checkpointing="on" if checkpointing == "auto" else checkpointing)[0]
+        memory = plan(curvature=False, on=memory.checkpointing)
         changes.append("no output curvature")
     if memory.peak <= free:
         return memory, free, changes, None
-    on = "on" if checkpointing != "off" else "off"
-    fixes = [(f"--batch-size {max(1, batch // 2)}", dict(batch=max(1, batch // 2), curvature=False, checkpointing=on))]
-    if checkpointing == "off":
-        fixes.insert(0, ("--gradient-checkpointing on", dict(checkpointing="on", curvature=False)))
+    on = checkpointing != "off"
+    fixes = [(f"--batch-size {max(1, batch // 2)}", dict(batch=max(1, batch // 2), curvature=False, on=on))]
+    if not on:
+        fixes.insert(0, ("--gradient-checkpointing on", dict(on=True, curvature=False)))
     if placement.device.type == "cuda" and placement.dtype == torch.float32:
-        bf16 = dataclasses.replace(placement, dtype=torch.bfloat16)
-        fixes.insert(0, ("--dtype bfloat16", dict(placement=bf16, teacher_dtype=torch.bfloat16, curvature=False,
-                                                  checkpointing=on)))
-    hint = next((flag for flag, kw in fixes if plan(**kw)[0].peak <= free), "a machine with more memory")
+        fixes.insert(0, ("--dtype bfloat16", dict(dtype=torch.bfloat16, curvature=False, on=on)))
+    hint = next((flag for flag, kw in fixes if plan(**kw).peak <= free), "a machine with more memory")
     return memory, free, changes, hint

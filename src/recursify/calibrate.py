@@ -119,10 +119,10 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     """X^T X / N of every linear's input at every layer of `source`, over `sequences` [n, T].
 
     Each batch's products are formed in float32 and added in place into one preallocated
-    [L, d_in, d_in] float32 stack per input group, on the CPU: the statistics of a 1B model
-    (22 layers, four groups, the widest 5632 wide) then take 3.9 GB once, where float64 per-layer
-    tensors stacked at the end took 7.8 GB twice over. The LM head is never run: the forward stops
-    at the final norm.
+    [L, d_in, d_in] float32 stack per input group on the model's device, moved to the CPU once at
+    the end: the statistics of a 1B model (22 layers, four groups, the widest 5632 wide) then take
+    3.9 GB once, where float64 per-layer tensors stacked at the end took 7.8 GB twice over. The LM
+    head is never run: the forward stops at the final norm.
     """
     family = detect_family(source.config)
     groups = linear_input_groups(source, family)
@@ -132,12 +132,12 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     acc: dict[str, torch.Tensor] = {}
     for g in dict.fromkeys(groups.values()):
         d_in = layers[0].get_submodule(family.linears[g]).weight.shape[1]
-        acc[g] = torch.zeros(len(layers), d_in, d_in, dtype=torch.float32)
+        acc[g] = torch.zeros(len(layers), d_in, d_in, dtype=torch.float32, device=device)
 
     def record(group: str, index: int):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            acc[group][index].add_((x.T @ x).cpu())
+            acc[group][index].add_(x.T @ x)
 
         return hook
 
@@ -162,7 +162,7 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     finally:
         for h in hooks:
             h.remove()
-    cov = {g: mats.div_(n_tokens) for g, mats in acc.items()}
+    cov = {g: mats.div_(n_tokens).cpu() for g, mats in acc.items()}
     d_min = min(c.shape[-1] for c in cov.values())
     if n_tokens < d_min:
         warnings.warn(

@@ -52,18 +52,22 @@ def costs(models: dict) -> dict:
     and greedy decode speed at batch 1 and at the largest batch (up to 16) whose KV cache fits half
     the device's free memory beside the teacher, measured on the device the models are on."""
     from .allocate import macs_per_token
+    from .engine.kv_cache import KVCache
+    from .families import arch_from_config, detect_family
     from .util.device import free_memory
 
     teacher = models["teacher"]
-    device = next(teacher.parameters()).device
+    weight = next(teacher.parameters())
     c = teacher.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * DECODE_TOKENS * 2
-    batch = max(1, min(MAX_DECODE_BATCH, int(free_memory(device) // 2 // max(kv_per_seq, 1))))
+    a = arch_from_config(detect_family(c), c)
+    kv_per_seq = KVCache.bytes_per_slot(a.num_layers, a.num_kv_heads, a.head_dim, 2 * DECODE_TOKENS, weight.dtype)
+    batch = max(1, min(MAX_DECODE_BATCH, int(free_memory(weight.device) // 2 // kv_per_seq)))
+    device = weight.device
     out = {}
     for name, model in models.items():
-        recursion = getattr(model, "recursion", None) if name != "teacher" else None
-        macs = macs_per_token(teacher, recursion) if name != "baseline" else macs_per_token(model)
+        # A recursive model's multiply-adds from its layout over the teacher's shapes; a plain one's own.
+        recursion = getattr(model, "recursion", None)
+        macs = macs_per_token(model) if recursion is None else macs_per_token(teacher, recursion)
         out[name] = {"weight_bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
                      "macs_per_token": macs, "decode_batch": batch, "device": str(device),
                      "decode_tok_s": {"1": decode_speed(model, 1, c.vocab_size),

@@ -114,12 +114,12 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | str = torch.float32,
     `device` and `dtype` take what `--device`/`--dtype` take ("auto" included), checked before
     any weight is read."""
     import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .util.device import resolve_device, resolve_dtype
 
     device = resolve_device(device) if device is not None else None
     dtype = resolve_dtype(dtype, device or torch.device("cpu"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     folder, gguf = resolve(name_or_path)

@@ -185,7 +185,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
             w = w[index]
             b = b[index] if b is not None else None
         else:
-            index = RowPositions.of(index).index
+            index = index.index
             shape = (index.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[-1],)
             w = w.index_select(0, index).view(shape)
             b = b.index_select(0, index).view(shape) if b is not None else None
@@ -210,7 +210,7 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         if name in self.bias:
             index = self._norm_index(slot, position)
             b = self.bias[name]
-            y = y + (b[index] if isinstance(index, int) else b.index_select(0, RowPositions.of(index).index).unsqueeze(1))
+            y = y + (b[index] if isinstance(index, int) else b.index_select(0, index.index).unsqueeze(1))
         if lora is not None and not merge:
             y = y + lora(x, position)
         if name in self.diag:

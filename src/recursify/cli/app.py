@@ -19,6 +19,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..util import DEVICE_HELP, DTYPE_HELP
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -71,11 +73,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-DEVICE_HELP = "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."
-DTYPE_HELP = ("Dtype of the weights and compute: auto (bfloat16 on a GPU that supports it, float32 on CPU), "
-              "float32, bfloat16 or float16. Conversion maths stays in float32/float64.")
 
 
 def device_option():

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import CLIError, app, console, device_option, dtype_option, out, split_list
+from .app import CLIError, app, console, device_option, out, split_list
 
 
 @app.command()

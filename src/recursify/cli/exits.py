@@ -101,7 +101,6 @@ def fit(
         raise CLIError(f"--tokens and --heldout-tokens must each hold one sequence of --seq-len {seq_len} (>= 2)")
     _check_checkpoint(checkpoint)
 
-    import torch
     from transformers import AutoTokenizer
 
     from ..engine.exit_classifier import fit_and_calibrate

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..layer_math import apply_norm
+
 log = logging.getLogger("recursify.vllm")
 
 ARCHITECTURE = "RecursiveForCausalLM"  # config.json's `architectures`, as `convert` writes it
@@ -73,7 +75,8 @@ class RecursifyForCausalLM(nn.Module):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         from transformers.activations import ACT2FN
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                                      tensor_model_parallel_all_reduce)
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                                        QKVParallelLinear, RowParallelLinear)
@@ -99,6 +102,7 @@ class RecursifyForCausalLM(nn.Module):
         self.arch = a = arch_from_config(fam, source)
         self.layout = Layout.build(a.num_layers, rec)
         self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        self.all_reduce = tensor_model_parallel_all_reduce  # a row-parallel layer's one reduction
         tp, L = self.tp_size, a.num_layers
         if a.num_heads % tp or a.intermediate_size % tp:
             raise ValueError(f"tensor parallelism {tp} must divide the {a.num_heads} heads and the intermediate "
@@ -213,8 +217,6 @@ class RecursifyForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _norm(self, name: str, x: torch.Tensor, index: int) -> torch.Tensor:
-        from ..layer_math import apply_norm
-
         b = self.norm_bias[name][index] if name in self.norm_bias else None
         return apply_norm(x, self.norm_weight[name][index], b, self.family.norm_kind, self.arch.eps)
 
@@ -233,9 +235,7 @@ class RecursifyForCausalLM(nn.Module):
         if name in self.lora_A:  # this rank's columns of A: a partial sum like the base layer's
             out = out + (x @ self.lora_A[name][p].t()) @ self.lora_B[name][p].t()
         if self.tp_size > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            out = tensor_model_parallel_all_reduce(out)
+            out = self.all_reduce(out)
         if name in self.bias:
             out = out + self.bias[name][ni]
         return out
@@ -285,8 +285,6 @@ class RecursifyForCausalLM(nn.Module):
             else:
                 h = h + self._attention(slot, p, ni, self._norm("attn_norm", h, ni), positions)
                 h = h + self._mlp(slot, p, ni, self._norm("mlp_norm", h, ni))
-        from ..layer_math import apply_norm
-
         return apply_norm(h, self.final_norm_weight, self.final_norm_bias, self.family.norm_kind, self.arch.eps)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -25,15 +25,7 @@ def _rec(**kw) -> str:
     return Cell(model="recursive", trained=kw.pop("trained", True), **kw).key
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------- tables
-
-
 
 
 def main_rows(res: Results) -> tuple[list[str], list[list[str]]]:
@@ -101,8 +93,6 @@ def _measured(res: Results, keys: dict) -> dict:
     """The perplexities of `keys` (name -> cell key) that were measured; NaN counts as not measured."""
     vals = {name: res.ppl(k) for name, k in keys.items()}
     return {name: v for name, v in vals.items() if v is not None and not math.isnan(v)}
-
-
 
 
 def full_rank_note(res: Results) -> str:
@@ -197,8 +187,6 @@ def exit_table(res: Results) -> str:
 
 def _verdict(ours_better: bool | None) -> str:
     return {True: "**agrees**", False: "**disagrees**", None: "inconclusive"}[ours_better]
-
-
 
 
 def _best(res: Results, keys: dict[str, str]) -> tuple[str | None, str]:

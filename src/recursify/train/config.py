@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 
 
+from ..util import DEVICE_HELP
 from .losses import EXIT_SCHEDULES
 
 SCHEDULES = ("cosine", "wsd")
@@ -88,7 +89,7 @@ class TrainConfig:
     shared_lr_scale: float = _f(1.0, "LR of the shared weights (slots.*) as a fraction of lr: each one takes the "
                                       "gradients of every position tied to it, so it may want a smaller step than "
                                       "the LoRA, norms and embeddings.")
-    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    device: str = _f("auto", DEVICE_HELP)
     dtype: str = _f("auto", "Compute dtype of the student (autocast; its weights and optimizer stay float32): auto "
                             "(bfloat16 on a GPU that supports it, float32 on CPU), float32, bfloat16, float16.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto (the compute dtype: bfloat16 on GPUs, float32 on "

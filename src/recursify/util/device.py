@@ -18,9 +18,6 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-DEVICE_HELP = "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."
-DTYPE_HELP = ("Weights and compute dtype: auto (bfloat16 on a GPU that supports it, float32 on CPU), float32, "
-              "bfloat16, float16. Conversion maths stays in float32/float64 whatever this is.")
 
 
 class DeviceError(ValueError):

@@ -28,20 +28,12 @@ class RowPositions:
     def of(cls, position) -> "int | RowPositions":
         """An int stays an int; a LongTensor (the older calling convention) becomes RowPositions
         with one read of its values; RowPositions pass through."""
-        if isinstance(position, (int, RowPositions)):
-            return position
         if isinstance(position, torch.Tensor):
             return cls(tuple(position.tolist()), position)
-        return cls.make(position, "cpu")
+        return position
 
     def __len__(self) -> int:
         return len(self.values)
-
-    @property
-    def uniform(self) -> int | None:
-        """The one position every row shares, or None."""
-        first = self.values[0]
-        return first if all(v == first for v in self.values) else None
 
     def groups(self) -> dict[int, list[int]]:
         """Rows per distinct position, in first-seen order."""
