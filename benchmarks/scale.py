@@ -125,7 +125,11 @@ def main(argv=None) -> None:
     from recursify.util.device import resolve_placement, total_memory
     from recursify.util.memory import GiB
 
-    where = resolve_placement(args.device, args.dtype)
+    try:
+        budget = parse_duration(args.time_budget)
+        where = resolve_placement(args.device, args.dtype)
+    except ValueError as e:
+        ap.error(str(e))
     work = Path(args.work or tempfile.mkdtemp(prefix="recursify-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     peaks = StagePeaks(where.device)
@@ -149,7 +153,7 @@ def main(argv=None) -> None:
                 break
 
     cfg = CompressConfig(model=str(work / "model"), out=str(work / "out"), data=[args.data], heldout=[args.heldout],
-                         loops=2, lora_rank=64, time_budget=parse_duration(args.time_budget), max_tokens=args.max_tokens,
+                         loops=2, lora_rank=64, time_budget=budget, max_tokens=args.max_tokens,
                          device=args.device, dtype=args.dtype, overwrite=True)
     error = None
     try:
