@@ -1,38 +1,122 @@
-"""The command line: happy path on a tiny model, and one clear line for every bad input."""
+"""The command line: happy path on a tiny model, and one clear line for every bad input.
+
+In-process: `run` calls `recursify.cli.main` (where errors become one stderr line and an exit
+code) and captures the file descriptors, so torch and transformers are imported once for the
+file. Only what needs a fresh interpreter runs in a subprocess: `python -m recursify` itself
+(`test_python_dash_m_recursify_prints_help`), lm-eval made unimportable before anything is
+imported, a command module that fails to import, and the package run from a copy of itself.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from tiny_models import byte_tokenizer, save_tiny
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
+from recursify.cli import main
 
-def run(*args, timeout=240, env=None):
-    return subprocess.run([sys.executable, "-m", "recursify", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass
+class Result:
+    """What a shell sees of one `recursify` run."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capfd, monkeypatch):
+    """`run(*args)`: `recursify ARGS` in this process, as `python -m recursify` would run it
+    (`sys.exit(main(args))`): its exit code, and its stdout and stderr as file descriptors 1 and 2
+    received them. An exception that escapes `main` (only with --debug) is printed with its
+    traceback and exits 1, as the interpreter does."""
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)  # the CLI sets it; the test's end restores it
+
+    def run(*args) -> Result:
+        with monkeypatch.context() as m:
+            # Logging handlers made at import time hold pytest's stream: point them at the captured stderr.
+            for name in ("", "transformers"):
+                for handler in logging.getLogger(name).handlers:
+                    if type(handler) is logging.StreamHandler:
+                        m.setattr(handler, "stream", sys.stderr)
+            capfd.readouterr()  # start from nothing
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code
+            except Exception:  # noqa: BLE001 - what the interpreter does with it
+                traceback.print_exc()
+                code = 1
+            if not isinstance(code, int):  # sys.exit("message") or sys.exit(None)
+                if code is not None:
+                    print(code, file=sys.stderr)
+                code = 0 if code is None else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return run
 
 
 def run_code(code, *args, timeout=240, **kwargs):
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 COMMANDS = {"compress", "convert", "generate", "info", "eval", "train", "plot", "serve", "bench-serve", "report"}
 
-# The CLI as `recursify` runs it, with lm-eval (the `eval` extra) made unimportable.
-WITHOUT_LM_EVAL = "import sys; sys.modules['lm_eval'] = None; from recursify.cli import main; sys.exit(main(sys.argv[1:]))"
+# The CLI as `recursify` runs it, with lm-eval (the `eval` extra) made unimportable before anything is
+# imported: one fresh interpreter runs `main` once per argv of the JSON list in argv[1], each run's
+# output between marker lines on stdout and on stderr, its exit code on the marker after it.
+WITHOUT_LM_EVAL = """
+import json, sys
+sys.modules['lm_eval'] = None
+from recursify.cli import main
+for argv in json.loads(sys.argv[1]):
+    for f in (sys.stdout, sys.stderr):
+        print('@@run', file=f, flush=True)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    sys.stderr.flush()
+    print('@@exit', code, flush=True)
+"""
+
+
+def run_without_lm_eval(*argvs) -> tuple[str, list[Result]]:
+    """The results of `recursify ARGV` for each argv, with lm-eval unimportable; and what was
+    printed to stderr before the first run (on importing the CLI)."""
+    done = run_code(WITHOUT_LM_EVAL, json.dumps([list(a) for a in argvs]))
+    assert done.returncode == 0, done.stderr
+    outs = done.stdout.split("@@run\n")[1:]
+    prelude, *errs = done.stderr.split("@@run\n")
+    assert len(outs) == len(errs) == len(argvs), done.stdout + done.stderr
+    results = []
+    for out, err in zip(outs, errs):
+        out, _, code = out.rpartition("@@exit ")
+        results.append(Result(int(code) if code.strip() != "None" else 0, out, err))
+    return prelude, results
 
 
 def listed_commands(help_text):
-    return set(re.findall(r"^\W+([a-z][a-z-]*)\s{2,}", help_text, re.M))
+    return set(re.findall(r"^\W+([a-z][a-z-]*)\s{2,}", help_text, re.MULTILINE))
 
 
 def assert_clean_error(res, needle):
@@ -55,7 +139,7 @@ def tiny(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
-def test_convert_then_generate(tiny, tmp_path):
+def test_convert_then_generate(run, tiny, tmp_path):
     out = tmp_path / "rec"
     res = run("convert", str(tiny), "--loops", "2", "--lora-rank", "4", "--out", str(out))
     assert res.returncode == 0, res.stderr
@@ -68,63 +152,63 @@ def test_convert_then_generate(tiny, tmp_path):
     assert res.returncode == 0 and "slot of position" in res.stdout
 
 
-def test_convert_calibrate_records_it_and_refuses_too_little_text(tiny, tmp_path):
+def test_convert_calibrate_records_it_and_refuses_too_little_text(run, tiny, tmp_path, monkeypatch):
     text = tmp_path / "text"
     text.mkdir()
     for i in range(40):
         (text / f"doc{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(30)))
-    env = {**os.environ, "RECURSIFY_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cal"
     res = run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(text), "--calib-tokens", "512",
-              "--out", str(out), env=env)
+              "--out", str(out))
     assert res.returncode == 0, res.stderr
     recursion = json.loads((out / "config.json").read_text())["recursion"]
     assert recursion["calibration"] == {"tokens": 512, "damp": 0.01}
     res = run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(text), "--calib-tokens", "512",
-              "--curvature", "--sequential", "--out", str(tmp_path / "both"), env=env)
+              "--curvature", "--sequential", "--out", str(tmp_path / "both"))
     assert res.returncode == 0, res.stderr
     recursion = json.loads((tmp_path / "both" / "config.json").read_text())["recursion"]
     assert recursion["calibration"]["curvature_tokens"] == 512 and recursion["calibration"]["sequential"]
-    assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--curvature", "--out", str(tmp_path / "o3"),
-                           env=env), "--curvature needs --calibrate")
+    assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--curvature", "--out", str(tmp_path / "o3")),
+                       "--curvature needs --calibrate")
     (tmp_path / "tiny.txt").write_text("too short")
     assert_clean_error(run("convert", str(tiny), "--lora-rank", "4", "--calibrate", str(tmp_path / "tiny.txt"),
-                           "--out", str(tmp_path / "o2"), env=env), "calibration data")
+                           "--out", str(tmp_path / "o2")), "calibration data")
     assert not (tmp_path / "o2").exists()
 
 
-def test_missing_path(tmp_path):
+def test_missing_path(run, tmp_path):
     assert_clean_error(run("convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "model not found")
 
 
-def test_not_a_causal_lm(tmp_path):
+def test_not_a_causal_lm(run, tmp_path):
     save_bert(tmp_path / "bert")
     assert_clean_error(run("convert", str(tmp_path / "bert"), "--out", str(tmp_path / "o")), "not supported")
 
 
-def test_unsupported_family(tmp_path):
+def test_unsupported_family(run, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
     res = run("convert", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
     assert_clean_error(res, "recursify supports: gemma")
     assert not (tmp_path / "o").exists()
 
 
-def test_loops_that_do_not_divide(tiny, tmp_path):
+def test_loops_that_do_not_divide(run, tiny, tmp_path):
     assert_clean_error(run("convert", str(tiny), "--loops", "4", "--out", str(tmp_path / "o")), "valid values: 1, 2, 3, 6")
 
 
-def test_rank_too_large_leaves_no_output(tiny, tmp_path):
+def test_rank_too_large_leaves_no_output(run, tiny, tmp_path):
     res = run("convert", str(tiny), "--loops", "2", "--lora-rank", "1000", "--out", str(tmp_path / "o"))
     assert_clean_error(res, "larger than min(d_in, d_out)")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused(tiny, tmp_path):
+def test_existing_output_is_refused(run, tiny, tmp_path):
     (tmp_path / "o").mkdir()
     assert_clean_error(run("convert", str(tiny), "--out", str(tmp_path / "o")), "already exists")
 
 
-def test_corrupted_checkpoint(tiny, tmp_path):
+def test_corrupted_checkpoint(run, tiny, tmp_path):
     out = tmp_path / "rec"
     assert run("convert", str(tiny), "--loops", "2", "--out", str(out)).returncode == 0
     weights = out / "model.safetensors"
@@ -135,14 +219,17 @@ def test_corrupted_checkpoint(tiny, tmp_path):
     assert "Traceback" in res.stderr
 
 
-def test_help_teaches():
-    res = run("convert", "--help")
-    assert res.returncode == 0
+def test_python_dash_m_recursify_prints_help():
+    """The one `python -m recursify` subprocess here (test_cli_contract has the failing one): the
+    help reaches the shell's stdout with exit 0, and it teaches the strategies."""
+    res = subprocess.run([sys.executable, "-m", "recursify", "convert", "--help"], check=False, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
     for word in ("--loops", "cycle", "stepwise", "full"):
         assert word in res.stdout
 
 
-def test_eval_reports_exits_and_agreement(tiny, tmp_path):
+def test_eval_reports_exits_and_agreement(run, tiny, tmp_path):
     import json
 
     out = tmp_path / "rec"
@@ -160,7 +247,7 @@ def test_eval_reports_exits_and_agreement(tiny, tmp_path):
     assert set(result["exit_ppl"]) == {"1", "2"}
 
 
-def test_eval_stride_equal_to_seq_len_scores_disjoint_windows(tiny, tmp_path):
+def test_eval_stride_equal_to_seq_len_scores_disjoint_windows(run, tiny, tmp_path):
     """--stride = --seq-len scores disjoint windows, as compress's summary does: the mean of the
     model's own loss over the 32-token chunks of the held-out tokens."""
     import json
@@ -187,11 +274,11 @@ def test_eval_stride_equal_to_seq_len_scores_disjoint_windows(tiny, tmp_path):
                        "--stride must be between 1 and --seq-len (32), got 33")
 
 
-def test_eval_unknown_task(tiny):
+def test_eval_unknown_task(run, tiny):
     assert_clean_error(run("eval", str(tiny), "--tasks", "mmlu"), "unknown task 'mmlu'")
 
 
-def test_report_bad_inputs(tiny, tmp_path):
+def test_report_bad_inputs(run, tiny, tmp_path):
     assert_clean_error(run("report", "--budget", "huge", "--out", str(tmp_path / "r")), "unknown budget 'huge'")
     text = tmp_path / "t.txt"
     text.write_text("some text " * 50)
@@ -204,7 +291,7 @@ def test_report_bad_inputs(tiny, tmp_path):
     assert_clean_error(run("report", "--calib-tokens", "10", "--list"), "calib_tokens=10 is less than one sequence")
 
 
-def test_eval_bad_inputs(tiny, tmp_path):
+def test_eval_bad_inputs(run, tiny, tmp_path):
     from test_train import word_tokenizer
 
     text = tmp_path / "heldout.txt"
@@ -226,13 +313,15 @@ def test_eval_bad_inputs(tiny, tmp_path):
 
 def test_missing_optional_dependency_is_one_line(tiny, tmp_path):
     """Without lm-eval every command is still listed; those that need it name the extra, in one line."""
-    res = run_code(WITHOUT_LM_EVAL, "--help")
+    prelude, (res, eval_res, report_res) = run_without_lm_eval(
+        ["--help"], ["eval", str(tiny), "--tasks", "paper"], ["report", "--out", str(tmp_path / "r")])
+    assert not prelude.strip(), prelude  # importing the CLI prints nothing: each run's stderr is all of it
     assert res.returncode == 0, res.stderr
     assert COMMANDS <= listed_commands(res.stdout), res.stdout
-    res = run_code(WITHOUT_LM_EVAL, "eval", str(tiny), "--tasks", "paper")
+    res = eval_res
     assert_clean_error(res, "recursify eval --tasks paper needs lm-eval: pip install 'recursify[eval]'")
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    res = run_code(WITHOUT_LM_EVAL, "report", "--out", str(tmp_path / "r"))
+    res = report_res
     assert_clean_error(res, "recursify report needs lm-eval: pip install 'recursify[eval]'")
     assert not (tmp_path / "r").exists()
 

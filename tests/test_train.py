@@ -27,7 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import recursify as rf
 from recursify.train import TrainConfig, TrainError, list_checkpoints, main, train
-from recursify.train.losses import LossConfig, distillation_loss, exit_weights, hidden_state_loss, next_token_labels
+from recursify.train.losses import (DEFAULT_CHUNK_ELEMENTS, LossConfig, _exit_sums, distillation_loss, exit_weights,
+                                    hidden_state_loss, next_token_labels)
 from loss_reference import ce_loss, kd_ce_loss, kd_loss
 from tiny_models import COMMON, make
 
@@ -90,6 +91,15 @@ def train_losses(out: Path) -> dict[int, float]:
 # ------------------------------------------------------------------------------------------------
 
 
+def library_kd(student_logits, teacher_logits, temperature=1.0, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    """The library's KD on ready-made logits: its chunked KL sum (`_exit_sums`, identity head) over
+    every position, divided by the number of positions as `distillation_loss` does."""
+    labels = torch.full(student_logits.shape[:-1], -100, dtype=torch.long)
+    _, kd = _exit_sums(lambda x: x, student_logits, labels, teacher_logits, False, temperature, chunk_elements,
+                       student_logits.shape[-1])
+    return kd / labels.numel()
+
+
 def test_kd_loss_matches_hand_computed_kl():
     s = torch.tensor([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]])
     t = torch.tensor([[[0.5, 2.5, 1.0], [2.0, 0.0, 0.0]]])
@@ -102,20 +112,28 @@ def test_kd_loss_matches_hand_computed_kl():
             pt = [p / sum(pt) for p in pt]
             expected += sum(q * math.log(q / p) for p, q in zip(ps, pt))
         expected = expected / 2 * T * T
-        assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-6)
+        assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-6)  # the reference
+        assert library_kd(s, t, T).item() == pytest.approx(expected, rel=1e-6)  # the library
     assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert library_kd(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_chunked_kd_equals_unchunked_with_gradients():
     torch.manual_seed(0)
     s = torch.randn(2, 9, 11, requires_grad=True)
     t = torch.randn(2, 9, 11)
-    full = kd_loss(s, t, 2.0)
+    full = library_kd(s, t, 2.0)
     (g_full,) = torch.autograd.grad(full, s)
-    chunked = kd_loss(s, t, 2.0, chunk_elements=2 * 11 * 2)  # 2 positions a chunk, recomputed in backward
+    chunked = library_kd(s, t, 2.0, chunk_elements=2 * 11 * 2)  # 2 positions a chunk, recomputed in backward
     (g_chunk,) = torch.autograd.grad(chunked, s)
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     torch.testing.assert_close(g_chunk, g_full)
+    # and both are the independent reference's KL, value and gradient
+    ref = kd_loss(s, t, 2.0)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    assert full.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(g_full, g_ref)
+    torch.testing.assert_close(g_chunk, g_ref)
 
 
 @pytest.fixture(scope="module")
