@@ -10,6 +10,8 @@ peak) every 0.2 s and keeps each stage's maximum; the stages are compress's own 
 
     python benchmarks/scale.py --time-budget 45m --out benchmarks/results/scale_tinyllama_cpu.json
     python benchmarks/scale.py --tiny --time-budget 3m --out /tmp/scale_tiny.json   # a smoke run
+    python benchmarks/scale.py --model smollm2-135m --loops auto --target-params 0.75 --time-budget 10m \
+        --max-tokens 0 --out benchmarks/results/scale_demo_cpu.json   # any model: the demo's stages
 
 Prints a table (stage, estimated peak, measured peak, seconds) and writes the JSON.
 """
@@ -110,10 +112,15 @@ def build_model(folder: Path, shape: dict) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model of the same kind (a smoke run)")
+    ap.add_argument("--model", default=None, help="an existing model (bundled name or folder) instead of the random 1B")
+    ap.add_argument("--loops", default="2", help="compress --loops (a number or auto)")
+    ap.add_argument("--lora-rank", default="64", help="compress --lora-rank (a number, or auto with --target-params)")
+    ap.add_argument("--calib-tokens", type=int, default=16384, help="compress --calib-tokens")
+    ap.add_argument("--target-params", type=float, default=None, help="compress --target-params (with --loops auto)")
     ap.add_argument("--data", default="corpus/python-docs/train", help="training text (scripts/fetch_corpora.sh)")
-    ap.add_argument("--heldout", default="corpus/python-docs/heldout")
+    ap.add_argument("--heldout", default="corpus/python-docs/heldout", help="held-out text ('': a held-out share of --data, as the demo)")
     ap.add_argument("--time-budget", default="45m")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="distillation tokens at most")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="distillation tokens at most (0: what the budget allows)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--work", default=None, help="folder for the model and the run (default: a temporary one)")
@@ -135,7 +142,8 @@ def main(argv=None) -> None:
     peaks = StagePeaks(where.device)
     t0 = time.monotonic()
     peaks.switch("build")
-    params = build_model(work / "model", TINY if args.tiny else TINYLLAMA)
+    shape = None if args.model else TINY if args.tiny else TINYLLAMA
+    params = build_model(work / "model", shape) if shape else None
     estimates: dict[str, float] = {}
     lines: list[str] = []
 
@@ -152,8 +160,11 @@ def main(argv=None) -> None:
                 peaks.switch(stage)
                 break
 
-    cfg = CompressConfig(model=str(work / "model"), out=str(work / "out"), data=[args.data], heldout=[args.heldout],
-                         loops=2, lora_rank=64, time_budget=budget, max_tokens=args.max_tokens,
+    loops = args.loops if args.loops == "auto" else int(args.loops)
+    cfg = CompressConfig(model=args.model or str(work / "model"), out=str(work / "out"), data=[args.data],
+                         heldout=[args.heldout] if args.heldout else None, loops=loops, calib_tokens=args.calib_tokens,
+                         lora_rank=None if loops == "auto" else "auto" if args.lora_rank == "auto" else int(args.lora_rank),
+                         target_params=args.target_params, time_budget=budget, max_tokens=args.max_tokens or None,
                          device=args.device, dtype=args.dtype, overwrite=True)
     error = None
     try:
@@ -174,7 +185,7 @@ def main(argv=None) -> None:
     planned = max(estimates.values()) if estimates else None
     result = {
         "benchmark": "scale", "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
-        "shape": TINY if args.tiny else TINYLLAMA, "params": params, "device": str(where.device),
+        "model": args.model or "random", "shape": shape, "params": params, "device": str(where.device),
         "dtype": where.dtype_name, "machine": platform.processor() or platform.machine(),
         "device_name": __import__("torch").cuda.get_device_name(where.device) if where.device.type == "cuda" else "cpu",
         "memory_total_gib": total_memory(where.device) / GiB, "time_budget": args.time_budget,

@@ -38,15 +38,27 @@ def _glibc():
     return libc
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the kernel now (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Between stages that free gigabytes (a conversion's temporaries, a finished training run), the
+    freed blocks otherwise stay resident under the next stage's peak.
+    """
+    libc = _glibc()
+    if libc is not None and _depth["n"] == 0:
+        libc.malloc_trim(0)
+
+
 @contextmanager
-def keep_freed_memory() -> Iterator[bool]:
+def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, glibc's allocator reuses freed memory; yields whether it does.
+    With `enabled` False the block changes nothing (and yields False).
 
     Off glibc (macOS, Windows, musl) it yields False and leaves the allocator as it is. Nested
     blocks share the outermost one's setting; leaving that one restores glibc's defaults and
     returns the free heap memory to the kernel.
     """
-    libc = _glibc()
+    libc = _glibc() if enabled else None
     if libc is None:
         yield False
         return
@@ -63,4 +75,4 @@ def keep_freed_memory() -> Iterator[bool]:
             libc.malloc_trim(0)
 
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "release_freed_memory"]

@@ -20,10 +20,24 @@ from contextlib import contextmanager
 
 import torch
 
+from ..util.memory import LOGIT_ELEMENTS, ROW_ELEMENTS
+
 SequencesLike = torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor]
 
 # Punctuation stripped from a cloze target word (ASCII plus common typographic marks).
 _PUNCT = string.punctuation + "“”‘’«»…—–"
+
+
+# A forward of the metrics below makes at most LOGIT_ELEMENTS logits ([batch, seq, vocab]; 2^26 fp32
+# = 256 MB): the batch shrinks to fit (one sequence of Gemma 3's 262k vocabulary fills it), and
+# softmax-level temporaries are made over ROW_ELEMENTS row chunks, so a large vocabulary costs time,
+# not memory (the memory planner counts the same constants).
+
+
+def _fit_batch(model: torch.nn.Module, batch_size: int, width: int) -> int:
+    """`batch_size`, lowered so that a batch's logits stay within LOGIT_ELEMENTS."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    return max(1, min(batch_size, LOGIT_ELEMENTS // max(1, width * vocab)))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -147,6 +161,7 @@ def perplexity(
 
     device = _device_of(model)
     total_nll, total_tokens = 0.0, 0
+    batch_size = _fit_batch(model, batch_size, len(jobs[0][0]) if jobs else 1)
     with _eval_mode(model):
         for batch in _batched(jobs, batch_size):
             ids, mask = _pad_right([w for w, _ in batch], device)
@@ -182,7 +197,9 @@ def teacher_agreement(
     """
     seqs = [s for s in _as_sequences(sequences) if len(s) > 0]
     s_device, t_device = _device_of(student), _device_of(teacher)
-    kl_sum, agree, count = 0.0, 0, 0
+    kl_sum = agree = torch.zeros((), dtype=torch.float64, device=s_device)
+    count = 0
+    batch_size = _fit_batch(student, batch_size, max((len(s) for s in seqs), default=1))
     with _eval_mode(student, teacher):
         for batch in _batched(seqs, batch_size):
             ids, mask = _pad_right(batch, s_device)
@@ -193,15 +210,18 @@ def teacher_agreement(
                     f"student and teacher vocabularies differ ({s_logits.shape[-1]} vs {t_logits.shape[-1]})"
                 )
             valid = mask.bool()  # drop padding before the float32 softmax: [n_tokens, vocab]
-            s_logp = torch.log_softmax(s_logits[valid].float(), dim=-1)
-            t_logp = torch.log_softmax(t_logits[valid].float(), dim=-1)
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-            kl_sum += kl.sum().item()
-            agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
-            count += int(valid.sum())
+            s_rows, t_rows = s_logits[valid], t_logits[valid]
+            del s_logits, t_logits
+            step = max(1, ROW_ELEMENTS // s_rows.shape[-1])
+            for a in range(0, len(s_rows), step):
+                s_logp = torch.log_softmax(s_rows[a : a + step].float(), dim=-1)
+                t_logp = torch.log_softmax(t_rows[a : a + step].float(), dim=-1)
+                kl_sum = kl_sum + torch.nn.functional.kl_div(s_logp, t_logp, reduction="sum", log_target=True).double()
+                agree = agree + (s_logp.argmax(-1) == t_logp.argmax(-1)).sum()
+            count += len(s_rows)
     if count == 0:
         raise ValueError("no tokens to compare")
-    return {"kl": kl_sum / count, "top1_agreement": agree / count, "tokens": count}
+    return {"kl": kl_sum.item() / count, "top1_agreement": agree.item() / count, "tokens": count}
 
 
 def confidence_exit_curve(

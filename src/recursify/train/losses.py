@@ -26,7 +26,9 @@ Memory: a [batch, seq, vocab] fp32 tensor is the largest thing in a KD step (491
 hidden states one sequence chunk at a time and, when more than one chunk is needed, each chunk is
 activation-checkpointed, so only one chunk's [b, c, V] intermediates are alive at once, in the
 forward and in the backward. The final [B, T, V] logits of the model are never materialised for a
-recursive student (``logits_to_keep=1``).
+recursive student (``logits_to_keep=1``), nor the teacher's: the trainer hands over the teacher's
+final hidden state and head as :class:`TeacherLogits`, whose logits are made inside each chunk (and
+made again in that chunk's backward, one head matmul, instead of being held from forward to backward).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "EXIT_SCHEDULES",
     "LossConfig",
+    "TeacherLogits",
     "distillation_loss",
     "exit_weights",
     "hidden_state_loss",
@@ -72,6 +75,45 @@ class LossConfig:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.exit_schedule not in EXIT_SCHEDULES:
             raise ValueError(f"unknown exit schedule {self.exit_schedule!r}; choose one of {', '.join(EXIT_SCHEDULES)}")
+
+
+class TeacherLogits:
+    """A teacher's logits, made one sequence chunk at a time from its final hidden state.
+
+    ``head`` maps hidden states [..., d] to logits [..., V] (`teacher_head`). Indexing along the
+    sequence (``t[:, a:b]``) slices the hidden state and computes nothing; ``logits()`` makes them.
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], vocab: int):
+        self.hidden, self.head, self.vocab = hidden, head, vocab
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.hidden.shape[:-1], self.vocab)
+
+    def __getitem__(self, index) -> "TeacherLogits":
+        return TeacherLogits(self.hidden[index], self.head, self.vocab)
+
+    def logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden)
+
+
+def teacher_head(model) -> tuple[Callable[..., object], Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(decoder, head) of a Hugging Face causal LM, with ``head(decoder(ids).last_hidden_state)`` its
+    logits (Gemma 2's final soft-cap included); None for a model that does not split so."""
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    if decoder is None or out is None or decoder is model:
+        return None
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if not cap:
+        return decoder, out
+
+    def capped(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(out(h) / cap) * cap
+
+    return decoder, capped
 
 
 def exit_weights(schedule: str, num_exits: int) -> list[float]:
@@ -114,6 +156,8 @@ def _chunk_terms(
     if target_is_hidden:
         with torch.no_grad():
             target = head(target)
+    elif isinstance(target, TeacherLogits):
+        target = target.logits()
     T = temperature
     log_s = F.log_softmax(z / T if T != 1 else z, dim=-1)
     t = target.float()

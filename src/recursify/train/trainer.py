@@ -49,7 +49,7 @@ from .checkpoint import latest_checkpoint, restore_model, restore_training_state
 from .checks import check_out_dir as _check_out_dir, check_student as _check_student, load as _load
 from .config import (RUN_IDENTITY, TrainConfig, TrainError, build_parser, fit_steps_to_time, lr_factor,
                      warn)
-from .losses import LossConfig, distillation_loss
+from .losses import LossConfig, TeacherLogits, distillation_loss, teacher_head
 from .metrics import MetricsLog, evaluate, format_ppl, plot_metrics
 from .optim import build_optimizer
 
@@ -199,6 +199,21 @@ def _open_out_dir(run: Setup) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _teacher_outputs(run: Setup, ids: torch.Tensor):
+    """(teacher logits, teacher hidden states or None) of one micro-batch. The logits come as
+    `TeacherLogits` (final hidden state + head) where the teacher splits so: the loss then makes them
+    a chunk at a time, and the [B, T, V] tensor is never whole."""
+    split = teacher_head(run.teacher)
+    hidden = run.cfg.hidden_weight > 0
+    with torch.no_grad(), run.accelerator.autocast():  # bf16 on GPU, a no-op on CPU
+        if split is None:
+            out = run.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            return out.logits, out.hidden_states
+        decoder, head = split
+        out = decoder(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    return TeacherLogits(out.last_hidden_state, head, run.student.config.vocab_size), out.hidden_states
+
+
 def _step(run: Setup, model, optimizer, scheduler, clip_params, batch: torch.Tensor):
     """One optimizer step over `grad_accum` micro-batches: (loss/ce/kd of this rank, grad norm, LR)."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -206,10 +221,7 @@ def _step(run: Setup, model, optimizer, scheduler, clip_params, batch: torch.Ten
     for i, ids in enumerate(batch.split(run.micro)):
         teacher_logits = teacher_hidden = None
         if run.teacher is not None:
-            with torch.no_grad(), accelerator.autocast():  # bf16 on GPU, a no-op on CPU
-                t_out = run.teacher(input_ids=ids, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
-            teacher_logits, teacher_hidden = t_out.logits, t_out.hidden_states
-            del t_out
+            teacher_logits, teacher_hidden = _teacher_outputs(run, ids)
         last = i == cfg.grad_accum - 1
         with accelerator.no_sync(model) if not last else nullcontext():
             out = model(ids, teacher_logits, teacher_hidden=teacher_hidden)
@@ -273,7 +285,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, te
     t_enter = time.perf_counter()  # on wall time, max_time counts from here: loading and the final saves too
     # Each step frees and allocates the same large buffers: keep them in the heap while the run's
     # tensors live, and give the memory back once they are gone.
-    with keep_freed_memory():
+    with keep_freed_memory(cfg.reuse_freed_memory):
         return _train(cfg, on_step, t_enter, teacher, student)
 
 

@@ -9,11 +9,13 @@ what each stands for:
   one [L, d_out, d_out] per linear with the output curvature;
 * conversion: the student in float32 plus the largest linear's stacked weights and delta, and one
   chunk of positions' float64 decomposition temporaries (`convert.position_chunks`);
-* distillation: the student's float32 weights, gradients and AdamW's two moments (16 bytes a
-  parameter), the activations every unrolled position keeps for the backward (with gradient
-  checkpointing only its input), the attention scores of one position, and the logits: the
-  teacher's [B, T, V] in float32 plus one sequence chunk's temporaries of the student's;
-* evaluation: both models at the compute dtype plus one batch's logits.
+* distillation: the student's float32 weights (4 bytes a parameter) and, for the parameters it
+  trains, their gradients and AdamW's two moments (12 more; frozen embeddings save them), the
+  activations every unrolled position keeps for the backward (with gradient checkpointing only its
+  input), the attention scores of one position, and one sequence chunk's logit temporaries: the
+  teacher's logits are made chunk by chunk from its final hidden state (`losses.TeacherLogits`);
+* evaluation: both models at the compute dtype plus one batch's logits for each, capped at
+  `LOGIT_ELEMENTS` (`eval.metrics` shrinks its batches to fit).
 
 `benchmarks/scale.py` records these estimates beside the measured peaks (RSS on CPU,
 `torch.cuda.max_memory_allocated` on a GPU). The process itself (Python, torch, tokenizers) is
@@ -27,7 +29,9 @@ from dataclasses import dataclass, field
 GiB = 2**30
 BASE = int(1.0 * GiB)  # interpreter, torch, tokenizer, allocator slack
 CHUNK_BYTES = 4 * (1 << 26)  # the KD loss's logit chunk (losses.DEFAULT_CHUNK_ELEMENTS fp32 elements) ...
-CHUNK_LIVE = 3  # ... of which about three temporaries are alive at once
+CHUNK_LIVE = 5  # ... of which about five are alive at once (student and teacher logits, both log-softmaxes, KL)
+LOGIT_ELEMENTS = 1 << 26  # [batch, seq, vocab] elements an evaluation forward may make (eval.metrics)
+ROW_ELEMENTS = 1 << 24  # ... and its softmax temporaries' row chunk
 CONVERT_CHUNK = 1 << 29  # convert.position_chunks' budget for a chunk's float64 temporaries
 
 
@@ -46,6 +50,7 @@ class Shapes:
     input_dims: tuple[int, ...]  # d_in of each distinct linear input (q/k/v share one, gate/up another)
     output_dims: tuple[int, ...]  # d_out of each linear (the curvature's sizes)
     largest_linear: tuple[int, int]  # (d_out, d_in) of the biggest linear
+    embedding_params: int = 0  # input embedding plus an untied output head (what trainable "body" freezes)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class MemoryPlan:
     stages: dict[str, int] = field(default_factory=dict)  # stage -> estimated peak bytes (BASE included)
     checkpointing: bool = False
     curvature: bool = True
+    frozen_embeddings: bool = False  # distillation trains the body only (trainable "body")
+    reuse_freed_memory: bool = True  # the distillation's peak leaves room for glibc's retained heap
 
     @property
     def peak(self) -> int:
@@ -74,7 +81,8 @@ def activation_bytes(s: Shapes, tokens: int, seq_len: int, batch: int, compute_b
 
 
 def estimate(s: Shapes, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, teacher_bytes: int = 4,
-             compute_bytes: int = 4, checkpointing: bool = False, eval_batch: int = 4) -> MemoryPlan:
+             compute_bytes: int = 4, checkpointing: bool = False, eval_batch: int = 8,
+             frozen_embeddings: bool = False) -> MemoryPlan:
     """Estimated peak bytes of each of compress's stages (see the module docstring)."""
     tokens = batch * seq_len
     teacher32 = 4 * s.teacher_params
@@ -85,19 +93,21 @@ def estimate(s: Shapes, *, batch: int, seq_len: int, calib_tokens: int, curvatur
         calib_act += activation_bytes(s, min(calib_tokens, 4 * seq_len), seq_len, 4, 4, False)
     d_out, d_in = s.largest_linear
     convert_tmp = s.layers * d_out * d_in * 4 * 2 + CONVERT_CHUNK  # W and delta (fp32), one chunk's fp64 fit
-    logits = tokens * s.vocab * 4 + CHUNK_LIVE * min(CHUNK_BYTES, tokens * s.vocab * 4)
-    plan = MemoryPlan(checkpointing=checkpointing, curvature=curvature)
+    logits = CHUNK_LIVE * min(CHUNK_BYTES, tokens * s.vocab * 4)
+    trained = s.student_params - (s.embedding_params if frozen_embeddings else 0)
+    eval_logits = min(eval_batch * seq_len * s.vocab, LOGIT_ELEMENTS) * 4
+    plan = MemoryPlan(checkpointing=checkpointing, curvature=curvature, frozen_embeddings=frozen_embeddings)
     plan.stages = {
         "calibrate": BASE + teacher32 + stats + curv + calib_act,
         "convert": BASE + teacher32 + stats + curv + 4 * s.student_params + convert_tmp,
-        "distil": BASE + teacher_bytes * s.teacher_params + 16 * s.student_params + logits
+        "distil": BASE + teacher_bytes * s.teacher_params + 4 * s.student_params + 12 * trained + logits
                   + activation_bytes(s, tokens, seq_len, batch, compute_bytes, checkpointing),
-        "evaluate": BASE + compute_bytes * (s.teacher_params + s.student_params) + 2 * eval_batch * seq_len * s.vocab * 4,
+        "evaluate": BASE + compute_bytes * (s.teacher_params + s.student_params) + 2 * eval_logits + 4 * ROW_ELEMENTS * 4,
     }
     return plan
 
 
-def shapes_of(arch, family, teacher_params: int, student_params: int) -> Shapes:
+def shapes_of(arch, family, teacher_params: int, student_params: int, embedding_params: int = 0) -> Shapes:
     """Shapes from a recursify `Arch` and `Family` and the two parameter counts."""
     linears = {name: arch.linear_shape(name) for name in family.linears}  # name -> (d_in, d_out)
     inputs = {"attention": arch.hidden_size, "o": linears["o"][0], "mlp": arch.hidden_size, "down": linears["down"][0]}
@@ -106,7 +116,7 @@ def shapes_of(arch, family, teacher_params: int, student_params: int) -> Shapes:
                   heads=arch.num_heads, kv_dim=arch.num_kv_heads * arch.head_dim, vocab=arch.vocab_size,
                   teacher_params=teacher_params, student_params=student_params,
                   input_dims=tuple(inputs.values()), output_dims=tuple(d_out for _, d_out in linears.values()),
-                  largest_linear=(biggest[1], biggest[0]))
+                  largest_linear=(biggest[1], biggest[0]), embedding_params=embedding_params)
 
 
 def fmt_gib(n: float) -> str:
