@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import recursify as rf
-from recursify.allocate import allocate_ranks, parameter_count
-from recursify.calibrate import calibrate, calibration_sequences
-from recursify.curvature import with_curvature
-from recursify.sequential import sequential_calibrate
+from recursify.conversion.allocate import allocate_ranks, parameter_count
+from recursify.conversion.calibrate import calibrate, calibration_sequences
+from recursify.conversion.curvature import with_curvature
+from recursify.conversion.sequential import sequential_calibrate
 from recursify.eval.metrics import perplexity
 from recursify.data import DataConfig, build_datasets
 
@@ -41,11 +41,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="Skip the sequential refit rows.")
     ap.add_argument("--seq-tokens", type=int, default=8192, help="Tokens for sequential calibration (and the curvature).")
     ap.add_argument("--curvature", action="store_true",
-                    help="Add rows fitted on both sides: the teacher's output curvature (recursify.curvature) on --seq-tokens.")
+                    help="Add rows fitted on both sides: the teacher's output curvature (recursify.conversion.curvature) on --seq-tokens.")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--allocate", action="store_true",
-                    help="Per-linear ranks (recursify.allocate) at each uniform rank's parameter count.")
+                    help="Per-linear ranks (recursify.conversion.allocate) at each uniform rank's parameter count.")
     ap.add_argument("--out", default="benchmarks/results/calibrate.json")
     args = ap.parse_args(argv)
 

@@ -35,7 +35,7 @@ def child(model: str, keep: bool, steps: int, warmup: int) -> dict:
     import torch
 
     import recursify as rf
-    from recursify.baselines import matched
+    from recursify.conversion.baselines import matched
     from recursify.train.losses import LossConfig, distillation_loss
 
     torch.manual_seed(0)

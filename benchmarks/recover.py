@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 import recursify as rf
-from recursify.calibrate import calibration_sequences, collect_stats
-from recursify.curvature import with_curvature
+from recursify.conversion.calibrate import calibration_sequences, collect_stats
+from recursify.conversion.curvature import with_curvature
 from recursify.eval.metrics import perplexity
-from recursify.sequential import sequential_calibrate
+from recursify.conversion.sequential import sequential_calibrate
 from recursify.data import DataConfig, build_datasets
 from recursify.train.local import local_distill
 from recursify.train import TrainConfig, train
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     base = rf.RecursionConfig(num_loops=args.loops, strategy=args.strategy, init="average",
                               lora_rank=0 if args.rank == "fill" else int(args.rank))
     if args.rank == "fill":
-        from recursify.layout_search import largest_rank
+        from recursify.conversion.layout_search import largest_rank
 
         base = largest_rank(teacher, base, int(args.target_params * sum(p.numel() for p in teacher.parameters())))
         if base is None:
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
         if kind == "plain":
             model = rf.convert(teacher, base, progress=False)
         elif kind == "baseline":
-            from recursify.allocate import parameter_count
-            from recursify.baselines import matched
+            from recursify.conversion.allocate import parameter_count
+            from recursify.conversion.baselines import matched
 
             model = matched(teacher, parameter_count(teacher, base))
             print(f"baseline: {model.config.num_hidden_layers} plain layers", flush=True)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             if kind.startswith("curvature"):  # computed afresh, never from the cache: its cost is part of the recipe
                 fitted = with_curvature(stats, teacher, seqs[: args.seq_tokens // args.seq_len], cache=False)
             if kind.endswith("allocated"):
-                from recursify.allocate import allocate_ranks, parameter_count
+                from recursify.conversion.allocate import allocate_ranks, parameter_count
 
                 target = args.target_params or parameter_count(teacher, base) / sum(p.numel() for p in teacher.parameters())
                 recursion = dataclasses.replace(recursion, lora_rank=0,

@@ -3,7 +3,7 @@
     python benchmarks/shared_init.py
 
 SmolLM2-135M, 2 loops, cycle; every calibrated variant uses the same cached statistics. Variants
-of `recursify.calibrate.fit_shared`: the activation-weighted least-squares fit with raw or
+of `recursify.conversion.calibrate.fit_shared`: the activation-weighted least-squares fit with raw or
 per-layer normalised covariances (rank-0 fit, then the calibrated LoRA), and the joint fit that
 alternates shared weights and LoRA. Prints JSON lines and writes benchmarks/results/shared_init.json.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import recursify as rf
-import recursify.convert  # noqa: F401 - the module, patched below (rf.convert is the function)
-from recursify.calibrate import calibrate, fit_shared
+import recursify.conversion.convert  # noqa: F401 - the module, patched below (rf.convert is the function)
+from recursify.conversion.calibrate import calibrate, fit_shared
 from recursify.eval.metrics import perplexity
 from recursify.data import DataConfig, build_datasets
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     held, _ = build_datasets(DataConfig(sources=[args.heldout], seq_len=256, heldout_fraction=0.0, max_tokens=4096), tok)
     stream = torch.as_tensor(held.read_tokens(0, 4096).astype("int64"))
     stats = calibrate(teacher, tok, [args.data], num_tokens=16384, seq_len=256, progress=False)
-    module = sys.modules["recursify.convert"]
+    module = sys.modules["recursify.conversion.convert"]
     rows = []
     for rank, init, options, rank0 in VARIANTS:
         module.fit_shared = lambda W, cov, slots, r, damp=0.01, **_: fit_shared(

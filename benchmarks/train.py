@@ -191,7 +191,7 @@ def heldout_ppl(model, heldout, eval_tokens: int, batch: int) -> float:
 
 def quality(teacher, tok, args, work: Path) -> tuple[list[dict], float]:
     import recursify as rf
-    from recursify.baselines import truncated
+    from recursify.conversion.baselines import truncated
     from recursify.data import DataConfig, build_datasets
     from recursify.train.trainer import TrainConfig, train
 

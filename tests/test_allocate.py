@@ -7,9 +7,9 @@ import torch
 from tiny_models import make
 
 import recursify as rf
-from recursify.allocate import allocate_ranks, component_gains, parameter_count
-from recursify.calibrate import activation_aware_factors, collect_stats, fit_shared
 from recursify.config import ConfigError
+from recursify.conversion.allocate import allocate_ranks, component_gains, parameter_count
+from recursify.conversion.calibrate import activation_aware_factors, collect_stats, fit_shared
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -132,7 +132,7 @@ def test_a_budget_rank_zero_cannot_meet_is_one_clear_error(calibrated_llama):
 
 @pytest.fixture(scope="module")
 def curved_llama(calibrated_llama):
-    from recursify.curvature import with_curvature
+    from recursify.conversion.curvature import with_curvature
 
     source, stats = calibrated_llama
     return source, with_curvature(stats, source, torch.randint(0, 97, (4, 16), generator=GEN), cache=False,
@@ -142,7 +142,7 @@ def curved_llama(calibrated_llama):
 def test_with_curvature_the_gains_are_the_fisher_weighted_errors_each_rank_removes(curved_llama):
     """Cumulative gains = tr(G D C D^T) - tr(G E_r C E_r^T), E_r the residual of the conversion's own
     two-sided rank-r fit (G, C damped as the conversion damps them), summed over positions."""
-    from recursify.calibrate import OUT_DAMP, _damped
+    from recursify.conversion.calibrate import OUT_DAMP, _damped
 
     source, stats = curved_llama
     cfg = rf.RecursionConfig(num_loops=2, init="average")

@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, make
 
 import recursify as rf
-from recursify.calibrate import (
+from recursify.conversion.calibrate import (
     CalibrationError,
     CalibrationStats,
     activation_aware_factors,
@@ -175,7 +175,7 @@ def test_calibrated_rank_fits_the_layer_outputs_better_than_plain_svd():
 def test_sequential_full_rank_without_damping_reproduces_the_source():
     """At full rank each position can be exact, so the student's inputs equal the teacher's and the
     least-squares correction D* = Delta: the whole model reproduces the source."""
-    from recursify.sequential import sequential_calibrate
+    from recursify.conversion.sequential import sequential_calibrate
 
     source = make("qwen2").eval()
     ids = torch.randint(0, 97, (32, 16), generator=GEN)  # well over the widest input (96): C invertible
@@ -187,7 +187,7 @@ def test_sequential_full_rank_without_damping_reproduces_the_source():
 
 
 def test_sequential_calibration_brings_the_outputs_closer_than_teacher_inputs_alone():
-    from recursify.sequential import sequential_calibrate
+    from recursify.conversion.sequential import sequential_calibrate
 
     source = make("llama").eval()
     ids = torch.randint(0, 97, (8, 16), generator=GEN)

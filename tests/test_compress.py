@@ -109,12 +109,12 @@ def test_local_stage_allocated_ranks_and_calibrated_shared_weights(teacher_dir, 
 
 
 def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teacher_dir, tmp_path, monkeypatch):
-    import recursify.calibrate
-    import recursify.layout_search
+    import recursify.conversion.calibrate
+    import recursify.conversion.layout_search
 
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     seen = {}
-    real_stats, real_search = recursify.calibrate.cached_stats, recursify.layout_search.search
+    real_stats, real_search = recursify.conversion.calibrate.cached_stats, recursify.conversion.layout_search.search
 
     def stats_spy(source, seqs, *a, **kw):
         seen["calibration"] = seqs
@@ -124,14 +124,14 @@ def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teach
         seen["probe"] = probe
         return real_search(source, stats, probe, *a, **kw)
 
-    monkeypatch.setattr(recursify.calibrate, "cached_stats", stats_spy)
-    monkeypatch.setattr(recursify.layout_search, "search", search_spy)
+    monkeypatch.setattr(recursify.conversion.calibrate, "cached_stats", stats_spy)
+    monkeypatch.setattr(recursify.conversion.layout_search, "search", search_spy)
     out = tmp_path / "auto"
     s = compress(cfg(teacher_dir, out, loops="auto", lora_rank=None, target_params=0.8, max_tokens=8 * 16 * 4,
                      time_budget=300.0),
                  log=lambda line: None)
     # the layouts are scored on text the statistics never saw (else high ranks win by overfitting it)
-    stream = recursify.calibrate.calibration_sequences([str(teacher_dir / "data.jsonl")], word_tokenizer(),
+    stream = recursify.conversion.calibrate.calibration_sequences([str(teacher_dir / "data.jsonl")], word_tokenizer(),
                                                        256 + 2048, 16)  # the training text in order
     assert torch.equal(seen["calibration"], stream[:16]) and torch.equal(seen["probe"], stream[16:])
     found = s["layout_search"]
@@ -148,19 +148,19 @@ def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teach
 def test_a_short_budget_gives_up_the_layout_search_before_calibration_text(teacher_dir, tmp_path, monkeypatch):
     """The layout taken without a search ended within 1 % of the best after training, while fewer
     calibration tokens cost the conversion far more (README): a short budget drops the search first."""
-    import recursify.calibrate
     import recursify.compress as compress_module
-    from recursify.layout_search import candidates, without_search
+    import recursify.conversion.calibrate
+    from recursify.conversion.layout_search import candidates, without_search
 
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     seen = {}
-    real_stats, real_cost = recursify.calibrate.cached_stats, compress_module._convert_forwards
+    real_stats, real_cost = recursify.conversion.calibrate.cached_stats, compress_module._convert_forwards
 
     def stats_spy(source, seqs, *a, **kw):
         seen["calibration"] = seqs
         return real_stats(source, seqs, *a, **kw)
 
-    monkeypatch.setattr(recursify.calibrate, "cached_stats", stats_spy)
+    monkeypatch.setattr(recursify.conversion.calibrate, "cached_stats", stats_spy)
     # scoring the layouts (average init) would take days; the chosen layout's own conversion does not
     monkeypatch.setattr(compress_module, "_convert_forwards", lambda init, scale=1.0: 10**12 if init == "average" else real_cost(init, scale))
     lines = []

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 import recursify as rf
 from recursify.config import Layout
-from recursify.convert import source_layer_for_slot
+from recursify.conversion.convert import source_layer_for_slot
 from recursify.lora import truncated_svd
 
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -7,8 +7,8 @@ import torch
 from tiny_models import FAMILIES, make
 
 import recursify as rf
-from recursify.calibrate import CalibrationStats, activation_aware_factors, cached_stats, collect_stats
-from recursify.curvature import cached_curvature, collect_curvature
+from recursify.conversion.calibrate import CalibrationStats, activation_aware_factors, cached_stats, collect_stats
+from recursify.conversion.curvature import cached_curvature, collect_curvature
 
 GEN = torch.Generator().manual_seed(1)
 
@@ -127,7 +127,7 @@ def test_two_sided_full_rank_reproduces_the_source(family):
 
 
 def test_two_sided_sequential_full_rank_reproduces_the_source():
-    from recursify.sequential import sequential_calibrate
+    from recursify.conversion.sequential import sequential_calibrate
 
     source = make("qwen2").eval()
     ids = torch.randint(0, 97, (32, 16), generator=GEN)
@@ -140,7 +140,7 @@ def test_two_sided_sequential_full_rank_reproduces_the_source():
 
 
 def test_token_ids_beyond_the_vocabulary_are_one_clear_error():
-    from recursify.calibrate import CalibrationError
+    from recursify.conversion.calibrate import CalibrationError
 
     with pytest.raises(CalibrationError, match="another tokenizer"):
         collect_curvature(make("llama"), torch.full((1, 4), 500), progress=False)

@@ -7,9 +7,9 @@ import torch
 from tiny_models import make
 
 import recursify as rf
-from recursify.calibrate import collect_stats
+from recursify.conversion.calibrate import collect_stats
 from recursify.eval.metrics import perplexity
-from recursify.layout_search import candidates, capped, full_ranks, search, without_search
+from recursify.conversion.layout_search import candidates, capped, full_ranks, search, without_search
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -61,7 +61,7 @@ def test_checkpointing_then_the_curvature_are_given_up_to_fit(monkeypatch):
 
 
 def test_macs_per_token_by_hand():
-    from recursify.allocate import macs_per_token
+    from recursify.conversion.allocate import macs_per_token
 
     source = make("llama")  # hidden 64, intermediate 96, 4 heads of 16, 2 KV heads, 6 layers, vocab 97
     d, f, kv = 64, 96, 2 * 16
@@ -73,7 +73,7 @@ def test_macs_per_token_by_hand():
 
 
 def test_max_compute_keeps_only_layouts_within_it():
-    from recursify.layout_search import candidates
+    from recursify.conversion.layout_search import candidates
 
     source = make("llama")
     every = candidates(source, 0.8)

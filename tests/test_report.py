@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import recursify as rf
-from recursify.baselines import layer_subset, matched, truncated
-from recursify.convert import source_layer_for_slot, with_rank
+from recursify.conversion.baselines import layer_subset, matched, truncated
+from recursify.conversion.convert import source_layer_for_slot, with_rank
 from recursify.eval.metrics import confidence_exit_curve
 from recursify.report import Budget, ReportConfig, ReportError, plan_cells, run_report
 from test_train import word_tokenizer, write_corpus
@@ -324,11 +324,11 @@ def test_calibrated_cell_is_the_library_recipe_by_hand(report):
     """On the tiny random model the calibrated conversion does not score a lower perplexity than the plain
     one (both sit near the vocabulary size), so check exactness instead: the cell's model and number are
     collect_stats + convert(calibration=) + sequential_calibrate on the same sequences, done by hand."""
-    from recursify.calibrate import calibration_sequences, collect_stats
+    from recursify.conversion.calibrate import calibration_sequences, collect_stats
     from recursify.eval.metrics import perplexity
     from recursify.report.plan import Cell
     from recursify.report.runner import ReportRunner
-    from recursify.sequential import sequential_calibrate
+    from recursify.conversion.sequential import sequential_calibrate
 
     root, cfg, summary = report
     teacher, tok = rf.load_pretrained(str(root / "teacher"))

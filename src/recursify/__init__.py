@@ -1,7 +1,7 @@
 """recursify: turn a pretrained decoder-only LLM into a smaller (Relaxed) Recursive Transformer."""
 
 from .config import ConfigError, Layout, RecursionConfig, RecursiveConfig
-from .convert import convert
+from .conversion.convert import convert
 from .families import UnsupportedModelError, supported_model_types
 from . import families, hub
 from .hub import ModelLoadError, load_pretrained

@@ -76,7 +76,7 @@ def compress_shapes(source_config, recursion, target_params: float | None = None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .allocate import parameter_count
+    from .conversion.allocate import parameter_count
     from .families import arch_from_config, detect_family
     from .util.memory import shapes_of
 

@@ -152,7 +152,8 @@ def _check_memory(cfg: CompressConfig, source_config, recursion, where, log):
 def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
     import recursify as rf
 
-    from .calibrate import cached_stats, calibration_sequences, stats_path
+    from .conversion.calibrate import cached_stats, calibration_sequences, stats_path
+    from .conversion.recipe import calibrated_convert
     from .eval.metrics import perplexity
     from .hub import atomic_dir, cache_root, load_pretrained
     from .data import DataConfig, DataError, build_datasets
@@ -218,14 +219,14 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     # conversions' time; the chosen layout is then converted with cfg.init.
     search_init = "average" if cfg.init == "calibrated" else cfg.init
     if auto_loops:  # the layouts that fit the budget, known before calibration
-        from .layout_search import candidates
+        from .conversion.layout_search import candidates
 
         try:
             options = candidates(teacher, cfg.target_params, cfg.strategy, search_init, max_compute=cfg.max_compute)
         except ValueError as e:
             raise CompressError(str(e)) from e
     elif auto:  # a budget that even rank 0 exceeds fails now, not after calibration
-        from .allocate import parameter_count
+        from .conversion.allocate import parameter_count
 
         floor = parameter_count(teacher, recursion) / sum(p.numel() for p in teacher.parameters())
         if floor > cfg.target_params:
@@ -278,7 +279,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                     "(raise --time-budget to keep it)")
                 curvature = False
             elif searching:
-                from .layout_search import without_search
+                from .conversion.layout_search import without_search
 
                 pick = without_search(teacher, options)
                 log(f"      the budget is too short to compare {len(options)} layouts; using {pick.loops} loops at "
@@ -305,7 +306,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         stats = cached_stats(teacher, seqs, cache_root() / "calibration")
         fit_seqs = seqs[: max(1, 8192 // cfg.seq_len)]  # the sequential refit's and the curvature's tokens
         if searching:
-            from .layout_search import candidates, search
+            from .conversion.layout_search import candidates, search
 
             stage(3, f"choosing the loops for {cfg.target_params:.0%} of the teacher's parameters: converting "
                      f"{len(options)} layouts and scoring them on {SEARCH_TOKENS} training tokens")
@@ -318,32 +319,19 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                                       for c in options])
             log(f"      chose {best.loops} loops, rank {best.rank}")
         recursion = dataclasses.replace(recursion, init=init)
-        if curvature:
-            from .curvature import with_curvature
-
-            log(f"      output curvature of the teacher on {fit_seqs.numel()} tokens")
-            stats = with_curvature(stats, teacher, fit_seqs)
-        if (auto and not searching) or (curvature and (auto or (auto_loops and cfg.allocate))):
-            # Per-linear ranks; with the curvature, by the distillation loss each component removes (the
-            # search already allocated its layouts' ranks without it).
-            from .allocate import allocate_ranks, parameter_count
-
-            target = cfg.target_params if auto else parameter_count(teacher, recursion) / sum(
-                p.numel() for p in teacher.parameters())
-            try:
-                ranks = allocate_ranks(teacher, recursion, stats, target, damp=cfg.damp)
-            except ValueError as e:
-                raise CompressError(str(e)) from e
-            recursion = dataclasses.replace(recursion, lora_rank=0, rank_pattern=ranks)
-            log(f"      ranks for {target:.1%} of the teacher's parameters, per linear: {recursion.rank_text}")
-        stage(3, f"converting: {recursion.num_loops} loops, {cfg.strategy}, init {init}, rank {recursion.rank_text}, "
-              "calibrated" + (" on both sides" if curvature else "")
-              + (", then sequential refit" if sequential else ""))
-        student = rf.convert(teacher, recursion, progress=False, calibration=stats, damp=cfg.damp).to(device)
-        if sequential:
-            from .sequential import sequential_calibrate
-
-            sequential_calibrate(student, teacher, fit_seqs, damp=cfg.damp, curvature=stats.curvature)
+        # Per-linear ranks; with the curvature, by the distillation loss each component removes (the
+        # search already allocated its layouts' ranks without it); "same": the chosen layout's size.
+        allocate = (auto and not searching) or (curvature and (auto or (auto_loops and cfg.allocate)))
+        try:
+            student = calibrated_convert(
+                teacher, recursion, stats, fit_seqs, sequential=sequential, curvature=curvature,
+                allocate_to=(cfg.target_params if auto else "same") if allocate else None, damp=cfg.damp,
+                device=device, progress=True, log=lambda line: log("      " + line),
+                announce=lambda r: stage(3, f"converting: {r.num_loops} loops, {cfg.strategy}, init {init}, rank "
+                                            f"{r.rank_text}, calibrated" + (" on both sides" if curvature else "")
+                                            + (", then sequential refit" if sequential else "")))
+        except ValueError as e:
+            raise CompressError(str(e)) from e
         with atomic_dir(converted) as tmp:
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -415,7 +403,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
     # 4b. the parameter-matched plain model, the same recipe (at its own lr) for the same time ------
     base_dir = work / "baseline"
     if cfg.baseline and not (base_dir / "final_metrics.json").exists():
-        from .baselines import matched
+        from .conversion.baselines import matched
 
         init_dir = work / "baseline-init"
         if not (init_dir / "config.json").exists():

@@ -51,7 +51,7 @@ def costs(models: dict) -> dict:
     """Per model: weight bytes, multiply-adds per token (linears and head, `allocate.macs_per_token`)
     and greedy decode speed at batch 1 and at the largest batch (up to 16) whose KV cache fits half
     the device's free memory beside the teacher, measured on the device the models are on."""
-    from .allocate import macs_per_token
+    from .conversion.allocate import macs_per_token
     from .engine.kv_cache import KVCache
     from .families import arch_from_config, detect_family
     from .util.device import free_memory

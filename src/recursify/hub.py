@@ -154,7 +154,7 @@ def load_for_serving(checkpoint: str, device: str | torch.device = "auto", dtype
     Raises ValueError with one line, before any weights are read, when it is none of those.
     """
     from .config import RecursionConfig
-    from .convert import convert
+    from .conversion.convert import convert
     from .families import detect_family
 
     def one_line(e: BaseException) -> str:

@@ -88,35 +88,25 @@ def convert(
         teacher, tokenizer = rf.load_pretrained(model, device=where.device)  # float32: the maths' dtype
     t_load = time.time() - t0
     before = source_breakdown(teacher)
-    stats = None
+    stats = fit_seqs = None
     if calibrate:
-        from ..calibrate import calibrate as gather
+        from ..conversion.calibrate import calibrate as gather
+        from ..conversion.calibrate import calibration_sequences
 
         if damp < 0:
             raise CLIError(f"--damp must be >= 0, got {damp}")
         stats = gather(teacher, tokenizer, split_list(calibrate), num_tokens=calib_tokens)
         if sequential or curvature:  # the refit's and the curvature's tokens
-            from ..calibrate import calibration_sequences
-
             fit_seqs = calibration_sequences(split_list(calibrate), tokenizer, min(calib_tokens, 8192))
-        if curvature:
-            from ..curvature import with_curvature
-
-            stats = with_curvature(stats, teacher, fit_seqs)
-        if auto:  # with the curvature, by the distillation loss each component removes
-            import dataclasses
-
-            from ..allocate import allocate_ranks
-
-            ranks = allocate_ranks(teacher, recursion, stats, target_params, damp=damp)
-            recursion = dataclasses.replace(recursion, rank_pattern=ranks)
-            console.print("ranks: " + ", ".join(f"{k} {v}" for k, v in ranks.items()))
     t1 = time.time()
-    student = rf.convert(teacher, recursion, progress=True, calibration=stats, damp=damp)
-    if sequential:
-        from ..sequential import sequential_calibrate
+    if stats is None:
+        student = rf.convert(teacher, recursion, progress=True, damp=damp)
+    else:  # with --curvature, --lora-rank auto allocates by the distillation loss each component removes
+        from ..conversion.recipe import calibrated_convert
 
-        sequential_calibrate(student, teacher, fit_seqs, damp=damp, curvature=stats.curvature)
+        student = calibrated_convert(teacher, recursion, stats, fit_seqs, sequential=sequential, curvature=curvature,
+                                     allocate_to=target_params if auto else None, damp=damp, progress=True,
+                                     announce=(lambda r: console.print("ranks: " + r.rank_text)) if auto else None)
     student = student.to(where.dtype)
     t_convert = time.time() - t1
     with atomic_output_dir(out_dir, overwrite) as tmp, console.status(f"saving to {out_dir}"):

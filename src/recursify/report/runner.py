@@ -4,9 +4,10 @@ Every cell is measured the same way (`measure`): strided held-out perplexity, pe
 agreement with the teacher, the confidence-exit curve, and optionally the seven lm-eval tasks.
 Trained cells go through the ordinary trainer (`recursify.train.trainer.train`) with the budget's
 KD token count, so a report number means exactly what `recursify train` would give. Calibrated
-cells convert with the library's own recipe (`calibrate.cached_stats` on the training data, once
-per report and cached in .cache/calibration, `convert(calibration=)`, `sequential_calibrate`,
-`allocate_ranks`); the local+KD cell runs `train.local.local_distill` on part of its tokens first.
+cells convert with the library's own recipe (`conversion.calibrate.cached_stats` on the training
+data, once per report and cached in .cache/calibration, then `conversion.recipe.calibrated_convert`:
+allocated ranks, `convert(calibration=)`, the sequential refit); the local+KD cell runs
+`train.local.local_distill` on part of its tokens first.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ class ReportRunner:
     def build(self, cell: Cell):
         import recursify as rf
 
-        from ..baselines import layer_subset, truncated
-        from ..convert import source_layer_for_slot, with_rank
+        from ..conversion.baselines import layer_subset, truncated
+        from ..conversion.convert import source_layer_for_slot, with_rank
 
         if cell.model == "teacher":
             return self.reference
@@ -188,8 +189,8 @@ class ReportRunner:
 
     def calibration(self) -> tuple[torch.Tensor, object]:
         """(sequences, statistics) of the budget's calibration tokens of the training data: computed once
-        per report run, the statistics cached on disk for the next one (`calibrate.cached_stats`)."""
-        from ..calibrate import CalibrationError, cached_stats, calibration_sequences
+        per report run, the statistics cached on disk for the next one (`conversion.calibrate.cached_stats`)."""
+        from ..conversion.calibrate import CalibrationError, cached_stats, calibration_sequences
 
         if self._calibration is None:
             b = self.budget
@@ -203,34 +204,30 @@ class ReportRunner:
         return self._calibration
 
     def build_calibrated(self, cell: Cell):
-        """Calibrated conversion + sequential refit (benchmarks/recover.py's recipe), with allocated
-        ranks holding the uniform rank's parameter fraction of the teacher for `allocated`."""
+        """Calibrated conversion + sequential refit (benchmarks/recover.py's recipe, `calibrated_convert`),
+        with allocated ranks holding the uniform rank's parameter fraction of the teacher for `allocated`."""
         import recursify as rf
 
-        from ..allocate import allocate_ranks, parameter_count
         from ..config import ConfigError
-        from ..sequential import sequential_calibrate
+        from ..conversion.recipe import calibrated_convert
 
         group = (cell.strategy, cell.init, cell.rank, cell.calibration)
         if group not in self._calibrated:
             seqs, stats = self.calibration()
             recursion = rf.RecursionConfig(**cell.recursion(self.budget.num_loops))
-            if cell.calibration == "allocated":
-                target = parameter_count(self.teacher, recursion) / sum(p.numel() for p in self.teacher.parameters())
-                try:
-                    ranks = allocate_ranks(self.teacher, recursion, stats, min(1.0, target))
-                except ConfigError as e:
-                    raise ReportError(str(e)) from e
-                recursion = dataclasses.replace(recursion, lora_rank=0, rank_pattern=ranks)
-            model = rf.convert(self.teacher, recursion, progress=False, calibration=stats).to(self.device)
             n = max(1, int(len(seqs) * self.budget.sequential_fraction))
-            sequential_calibrate(model, self.teacher, seqs[:n], progress=False)
+            try:
+                model = calibrated_convert(self.teacher, recursion, stats, seqs[:n], sequential=True,
+                                           allocate_to="same" if cell.calibration == "allocated" else None,
+                                           device=self.device)
+            except ConfigError as e:
+                raise ReportError(str(e)) from e
             self._calibrated[group] = model
         return copy.deepcopy(self._calibrated[group])
 
     def local(self, model, steps: int) -> dict:
         """Local distillation of `model` in place for `steps` batches of the training data (train.local)."""
-        from ..calibrate import calibration_sequences
+        from ..conversion.calibrate import calibration_sequences
         from ..train.local import local_distill
 
         b = self.budget

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RecursionConfig
-from ..sequential import layer_fn
+from ..conversion.sequential import layer_fn
 
 
 def _trainable(model) -> list[torch.nn.Parameter]:

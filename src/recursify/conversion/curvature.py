@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..families import detect_family
 from .calibrate import CalibrationStats, check_tokens, fingerprint, load_or_compute, save_tensors
-from .families import detect_family
 
 
 def collect_curvature(source, sequences: torch.Tensor, batch_size: int = 4, seed: int = 0,
@@ -96,7 +96,7 @@ def with_curvature(stats: CalibrationStats, source, sequences: torch.Tensor, cac
     """`stats` with the output curvature on `sequences` attached (cached beside the input statistics
     in $RECURSIFY_CACHE unless `cache` is False), so that `convert` and `sequential_calibrate` fit
     both sides."""
-    from .util.paths import cache_root
+    from ..util.paths import cache_root
 
     curvature = cached_curvature(source, sequences, cache_root() / "calibration" if cache else None, progress=progress)
     return dataclasses.replace(stats, curvature=curvature, curvature_tokens=sequences.numel())

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
+from ..config import ConfigError, Layout, RecursionConfig
+from ..families import arch_from_config, detect_family
 from .allocate import allocate_ranks, macs_per_token, parameter_count
 from .calibrate import CalibrationStats
-from .config import ConfigError, Layout, RecursionConfig
-from .families import arch_from_config, detect_family
 
 
 @dataclass
@@ -130,8 +130,8 @@ def without_search(source, options: list[Candidate]) -> Candidate:
 def search(source, calibration: CalibrationStats, tokens: torch.Tensor, options: list[Candidate], seq_len: int,
            damp: float = 0.01, log: Callable[[str], None] = print) -> Candidate:
     """Convert every candidate with `calibration`, score it on `tokens`, return the best."""
+    from ..eval.metrics import perplexity
     from .convert import convert
-    from .eval.metrics import perplexity
 
     device = next(source.parameters()).device
     for c in options:

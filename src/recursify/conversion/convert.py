@@ -13,12 +13,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .config import Layout, RecursionConfig, RecursiveConfig
-from .families import Family, detect_family
+from ..config import Layout, RecursionConfig, RecursiveConfig
+from ..families import Family, detect_family
+from ..lora import truncated_svd
+from ..modeling import RecursiveForCausalLM
+from ..util.device import resolve_device, resolve_dtype
 from .calibrate import CalibrationStats, activation_aware_factors, fit_shared
-from .lora import truncated_svd
-from .modeling import RecursiveForCausalLM
-from .util.device import resolve_device, resolve_dtype
 
 AUTO_MAP = {
     "AutoConfig": "configuration_recursify.RecursiveConfig",
@@ -86,7 +86,7 @@ def convert(
 ) -> RecursiveForCausalLM:
     """Turn a Hugging Face causal LM into a (relaxed) recursive model, per `recursion`.
 
-    With `calibration` (see `recursify.calibrate`), the SVD-initialised LoRA fits what each
+    With `calibration` (see `recursify.conversion.calibrate`), the SVD-initialised LoRA fits what each
     layer's outputs see on real text instead of the raw weight difference; the checkpoint's
     config records how many tokens it was calibrated on.
 

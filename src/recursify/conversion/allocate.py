@@ -7,7 +7,7 @@ closed form keeps the top ones), so with every linear's error measured relative 
 energy, trace(W_l C_l W_l^T), the gains are comparable, and a greedy choice by gain per parameter
 is optimal because each linear's gains only decrease with rank.
 
-With the output curvature (`recursify.curvature`) the gains need no such normalising: the k-th
+With the output curvature (`recursify.conversion.curvature`) the gains need no such normalising: the k-th
 eigenvalue of G^{1/2} Delta_l C_l Delta_l^T G^{1/2} is, to second order, the distillation loss the
 k-th component removes (K-FAC's G (x) C block of the Fisher), in the same units for every linear
 and position, so the budget goes where the model's predictions notice the error. Measured on
@@ -22,10 +22,10 @@ import heapq
 
 import torch
 
+from ..config import ConfigError, Layout, RecursionConfig
+from ..families import arch_from_config, detect_family
+from ..modeling import RecursiveForCausalLM, lora_targets
 from .calibrate import OUT_DAMP, CalibrationStats, _damped, psd_root
-from .config import ConfigError, Layout, RecursionConfig
-from .families import arch_from_config, detect_family
-from .modeling import RecursiveForCausalLM, lora_targets
 
 
 def parameter_count(source, recursion: RecursionConfig) -> int:

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from ..config import RecursionConfig
 from .calibrate import CalibrationError, activation_aware_factors, linear_input_groups
-from .config import RecursionConfig
+from .convert import convert
 
 
 def layer_fn(model, h: torch.Tensor):
@@ -68,9 +69,7 @@ def sequential_calibrate(model, source, sequences: torch.Tensor, damp: float = 0
     """Refit `model`'s LoRA in place, position by position and, within a position, input group by
     input group in forward order (q/k/v, then o, then gate/up, then down), so that every fit sees
     the inputs the already-refitted linears produce. `curvature` ({linear: [L, out, out]},
-    `recursify.curvature`) weighs each fit's output directions by the teacher's."""
-    import recursify as rf
-
+    `recursify.conversion.curvature`) weighs each fit's output directions by the teacher's."""
     if model.recursion.variant != "relaxed":
         raise CalibrationError("sequential calibration supports the relaxed variant only")
     if not model.lora:
@@ -78,7 +77,7 @@ def sequential_calibrate(model, source, sequences: torch.Tensor, damp: float = 0
     groups = linear_input_groups(source)
     reps = list(dict.fromkeys(groups.values()))  # forward order
     # The teacher through the same code path (one loop is the source model exactly).
-    teacher = rf.convert(source, RecursionConfig(num_loops=1), progress=False).to(model.embed_tokens.weight.device)
+    teacher = convert(source, RecursionConfig(num_loops=1), progress=False).to(model.embed_tokens.weight.device)
     device = model.embed_tokens.weight.device
     batches = [sequences[i : i + batch_size].to(device) for i in range(0, len(sequences), batch_size)]
     h_t = [teacher.embed(b) for b in batches]

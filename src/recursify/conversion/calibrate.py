@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .families import Family, detect_family
+from ..families import Family, detect_family
 
 
 class CalibrationError(ValueError):
@@ -43,7 +43,7 @@ class CalibrationStats:
     num_tokens: int
     input_of: dict[str, str]
     cov: dict[str, torch.Tensor]
-    curvature: dict[str, torch.Tensor] | None = None  # {linear: [L, out, out]}, see recursify.curvature
+    curvature: dict[str, torch.Tensor] | None = None  # {linear: [L, out, out]}, see recursify.conversion.curvature
     curvature_tokens: int = 0
 
     def of(self, linear: str) -> torch.Tensor:
@@ -244,7 +244,7 @@ def activation_aware_factors(
     follow `truncated_svd`'s convention (rows of A of unit norm), so with C = I they are the plain
     SVD factors; at full rank B A = Delta exactly whatever C is.
 
-    `out_cov` G [n, out, out] (default the identity; `recursify.curvature`) also weighs the output
+    `out_cov` G [n, out, out] (default the identity; `recursify.conversion.curvature`) also weighs the output
     directions: the same projection of G^{1/2} Delta, mapped back, B A = G^{-1/2} U_r U_r^T G^{1/2} Delta,
     with G damped by `out_damp` * mean(diag G).
     """
@@ -320,7 +320,7 @@ def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len:
                           cache_dir: str | None = None) -> torch.Tensor:
     """[n, seq_len] token ids from the training side of `sources` (the documents the trainer
     would train on, never its held-out ones), at most `num_tokens` in all."""
-    from .data import DataConfig, DataError, build_datasets
+    from ..data import DataConfig, DataError, build_datasets
 
     if num_tokens < seq_len:
         raise CalibrationError(f"calibration needs at least one sequence: num_tokens={num_tokens} < seq_len={seq_len}")
@@ -336,7 +336,7 @@ def calibration_sequences(sources, tokenizer, num_tokens: int = 16_384, seq_len:
 def calibrate(source, tokenizer, sources, num_tokens: int = 16_384, seq_len: int = 256,
               progress: bool = True) -> CalibrationStats:
     """Statistics of `source` on `num_tokens` tokens of user text, cached under $RECURSIFY_CACHE."""
-    from .util.paths import cache_root
+    from ..util.paths import cache_root
 
     seqs = calibration_sequences(sources, tokenizer, num_tokens, seq_len)
     return cached_stats(source, seqs, cache_root() / "calibration", progress=progress)

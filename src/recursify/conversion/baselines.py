@@ -19,7 +19,7 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .families import detect_family
+from ..families import detect_family
 
 
 @torch.no_grad()
