@@ -127,3 +127,37 @@ def test_conversion_cost_is_smollm2s_for_smollm2_and_grows_with_width():
     by_hand = 22 * (5 * 2048**3 + 2 * 256**3) / (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 2048 * 49152)
     smol = 30 * (5 * 576**3 + 2 * 192**3) / (30 * (2 * 576**2 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152)
     assert tinyllama == pytest.approx(by_hand / smol) and 3.5 < tinyllama < 4.5
+
+
+def test_frozen_embeddings_come_after_the_curvature_and_save_twelve_bytes_a_parameter(monkeypatch):
+    """A large untied vocabulary: distillation's peak is the embeddings' gradients and AdamW moments."""
+    from transformers import LlamaConfig
+
+    from recursify.budget import HEADROOM, fit_memory
+
+    from recursify.util.device import resolve_placement
+
+    vocab, hidden = 50_000, 512
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    recursion = rf.RecursionConfig(num_loops=2, lora_rank=8)
+    args = dict(batch=2, seq_len=128, calib_tokens=1024, placement=resolve_placement("cpu", "float32"),
+                target_params=None)
+
+    def fit(free, curvature=True, checkpointing="auto", **kw):
+        _free(monkeypatch, int(free / HEADROOM) + 1)
+        return fit_memory(config, recursion, **args, curvature=curvature, checkpointing=checkpointing, **kw)
+
+    trained = fit(2**50)[0]
+    frozen = fit(2**50, trainable="body")[0]
+    assert not trained.frozen_embeddings and frozen.frozen_embeddings
+    # by hand: an input embedding and an untied head, each vocab x hidden, lose 4 + 8 bytes a parameter
+    assert trained.stages["distil"] - frozen.stages["distil"] == 12 * 2 * vocab * hidden
+    least = fit(2**50, curvature=False, checkpointing="on", trainable="body")[0]
+    memory, _, changes, hint = fit(least.peak)
+    assert hint is None and memory.frozen_embeddings and memory.peak == least.peak
+    assert changes == ["gradient checkpointing on", "no output curvature", "embeddings frozen during distillation"]
+    memory, _, changes, hint = fit(least.peak, trainable="body")  # asked for: nothing to give up for it
+    assert "embeddings frozen during distillation" not in changes
+    memory, _, changes, hint = fit(trained.peak)
+    assert (changes, hint, memory.frozen_embeddings) == ([], None, False)

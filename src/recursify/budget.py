@@ -86,7 +86,10 @@ def compress_shapes(source_config, recursion, target_params: float | None = None
     teacher_params = sum(p.numel() for p in source.parameters())
     student_params = (int(target_params * teacher_params) if target_params is not None
                       else parameter_count(source, recursion))
-    return shapes_of(arch_from_config(family, source_config), family, teacher_params, student_params)
+    embeddings = {id(m.weight): m.weight.numel() for m in (source.get_input_embeddings(), source.get_output_embeddings())
+                  if m is not None}  # tied: one tensor
+    return shapes_of(arch_from_config(family, source_config), family, teacher_params, student_params,
+                     embedding_params=sum(embeddings.values()))
 
 
 def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool,
@@ -103,14 +106,18 @@ def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tok
 
 
 HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %
+# Distillation keeps freed CPU memory for the next step (`cpu_heap.keep_freed_memory`) only when its
+# estimated peak times this still fits: the retained heap added up to about a fifth on a 1B model.
+REUSE_MARGIN = 1.25
 
 
 def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, placement,
-               target_params: float | None, checkpointing: str):
+               target_params: float | None, checkpointing: str, trainable: str = "all"):
     """Fit the run to the device's memory: (plan, usable bytes, changes made, hint). Gradient
-    checkpointing (when "auto") and then the output curvature are given up first, as the time
-    planner gives up work for a short budget; `changes` names them. `hint` is None when the plan
-    fits, else the first option (a command-line flag) that would make it fit."""
+    checkpointing (when "auto"), then the output curvature, then training the embeddings (their
+    gradients and AdamW moments: 12 bytes a parameter) are given up in turn, as the time planner
+    gives up work for a short budget; `changes` names them. `hint` is None when the plan fits, else
+    the first option (a command-line flag) that would make it fit."""
     import torch
 
     from .util.device import free_memory
@@ -119,9 +126,13 @@ def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_toke
     shapes = compress_shapes(source_config, recursion, target_params)
     free = int(free_memory(placement.device) * HEADROOM)
 
-    def plan(batch=batch, curvature=curvature, on=checkpointing == "on", dtype=placement.dtype):
-        return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
-                        teacher_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, checkpointing=on)
+    def plan(batch=batch, curvature=curvature, on=checkpointing == "on", dtype=placement.dtype,
+             frozen=trainable == "body"):
+        memory = estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
+                          teacher_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, checkpointing=on,
+                          frozen_embeddings=frozen)
+        memory.reuse_freed_memory = memory.stages["distil"] * REUSE_MARGIN <= free
+        return memory
 
     memory, changes = plan(), []
     auto = checkpointing == "auto"
@@ -131,13 +142,16 @@ def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_toke
     if memory.peak > free and curvature:
         memory = plan(curvature=False, on=memory.checkpointing)
         changes.append("no output curvature")
+    if memory.peak > free and trainable == "all" and shapes.embedding_params:
+        memory = plan(curvature=memory.curvature, on=memory.checkpointing, frozen=True)
+        changes.append("embeddings frozen during distillation")
     if memory.peak <= free:
         return memory, free, changes, None
     on = checkpointing != "off"
-    fixes = [(f"--batch-size {max(1, batch // 2)}", dict(batch=max(1, batch // 2), curvature=False, on=on))]
+    fixes = [(f"--batch-size {max(1, batch // 2)}", dict(batch=max(1, batch // 2), curvature=False, on=on, frozen=True))]
     if not on:
-        fixes.insert(0, ("--gradient-checkpointing on", dict(on=True, curvature=False)))
+        fixes.insert(0, ("--gradient-checkpointing on", dict(on=True, curvature=False, frozen=True)))
     if placement.device.type == "cuda" and placement.dtype == torch.float32:
-        fixes.insert(0, ("--dtype bfloat16", dict(dtype=torch.bfloat16, curvature=False, on=on)))
+        fixes.insert(0, ("--dtype bfloat16", dict(dtype=torch.bfloat16, curvature=False, on=on, frozen=True)))
     hint = next((flag for flag, kw in fixes if plan(**kw).peak <= free), "a machine with more memory")
     return memory, free, changes, hint

@@ -21,6 +21,7 @@ import torch
 from .budget import Clock, conversion_scale, parse_duration, convert_forwards as _convert_forwards, curvature_forwards as _curvature_forwards
 from .compress_summary import fmt_seconds as _fmt_s
 from .compress_summary import build_summary, measure, render_summary
+from .cpu_heap import release_freed_memory
 
 
 class CompressError(ValueError):
@@ -140,7 +141,8 @@ def _check_memory(cfg: CompressConfig, source_config, recursion, where, log):
     target = cfg.target_params if cfg.loops == "auto" or cfg.lora_rank == "auto" else None
     memory, free, changes, hint = fit_memory(source_config, recursion, batch=cfg.batch_size, seq_len=cfg.seq_len,
                                              calib_tokens=cfg.calib_tokens, curvature=cfg.curvature, placement=where,
-                                             target_params=target, checkpointing=cfg.gradient_checkpointing)
+                                             target_params=target, checkpointing=cfg.gradient_checkpointing,
+                                             trainable=cfg.trainable)
     log("memory plan (estimated peaks): " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in memory.stages.items())
         + f"; {fmt_gib(free)} usable on {where.device} (85 % of what is free)" + (f" ({', '.join(changes)} to fit)" if changes else ""))
     if hint is not None:
@@ -190,6 +192,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         raise CompressError(f"{out} already exists; pass --overwrite to replace it")
     memory = _check_memory(cfg, source_config, recursion, where, log)
     checkpointing, curvature_fits = memory.checkpointing, memory.curvature
+    trainable = "body" if memory.frozen_embeddings else cfg.trainable
     if cfg.overwrite and work.exists():
         shutil.rmtree(work)
     state_file = work / "state.json"
@@ -347,14 +350,15 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                hidden_weight: float = 0.0) -> dict:
         """The ordinary trainer, KD from the teacher for `seconds`; resumes a killed run. At least 5
         warm-up steps: Adam's first steps move every weight by about the full rate."""
-        steps_guess = max(1, int(seconds / step_s))
+        steps_guess = max(1, min(int(seconds / step_s), max_tokens // (cfg.batch_size * cfg.seq_len)))
         try:
             result = train(TrainConfig(
                 student=str(student), teacher=cfg.model, data=list(cfg.data), heldout=cfg.heldout,
                 device=str(device), dtype=cfg.dtype, gradient_checkpointing=checkpointing,
                 out=str(run_dir), max_tokens=max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=lr, warmup_steps=min(20, max(5, steps_guess // 10)), eval_every=-1,
-                exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=cfg.trainable,
+                exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=trainable,
+                reuse_freed_memory=memory.reuse_freed_memory,
                 eval_tokens=n_eval, save_every=max(10, steps_guess // 10), keep_last=1,
                 max_time=seconds, resume=run_dir.exists()), teacher=(teacher, tok))
         except TrainError as e:
@@ -384,6 +388,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
             save_state(local_tokens=res["tokens"], local_steps=res["steps"], after_local=after_local)
             log(f"      {res['steps']} local steps ({res['tokens']} tokens): held-out perplexity {after_local:.4g}")
     del student
+    release_freed_memory()  # the conversion's temporaries, before distillation's peak
     train_time = clock.left - reserve
     kd_dir = work / "kd"
     if not (kd_dir / "final_metrics.json").exists():
@@ -416,12 +421,13 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
         save_state(baseline_tokens=result["tokens"], baseline_lr=cfg.baseline_lr)
 
     # 5. evaluate, write ----------------------------------------------------------------------------
+    release_freed_memory()
     stage(5, "evaluating and writing the checkpoint")
     models = {"teacher": teacher.to(where.dtype), "student": load_pretrained(str(kd_dir), device=device, dtype=where.dtype)[0]}
     if cfg.baseline:
         models["baseline"] = load_pretrained(str(base_dir), device=device, dtype=where.dtype)[0]
     m = measure(models, tok, stream, cfg.seq_len, cfg.paper_tasks, log)
-    summary = build_summary(asdict(cfg), state, m, models, len(stream), clock.spent)
+    summary = build_summary({**asdict(cfg), "trainable": trainable}, state, m, models, len(stream), clock.spent)
     with atomic_dir(out) as tmp:  # the compressed model; with --baseline the plain one in baseline/
         for src, dst in [(kd_dir, tmp)] + ([(base_dir, tmp / "baseline")] if cfg.baseline else []):
             dst.mkdir(exist_ok=True)

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import Layout, RecursiveConfig
 from .families import arch_from_config, family_by_name, hf_config_from_dict, rotary_embedding
-from .conversion.layer_math import apply_norm, causal_masks, rotate, scaled_attention
+from .layer_math import apply_norm, causal_masks, rotate, scaled_attention
 from .lora import DepthwiseDiagonal, DepthwiseLoRA
 from .util.positions import RowPositions
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..conversion.layer_math import apply_norm
+from ..layer_math import apply_norm
 
 log = logging.getLogger("recursify.vllm")
 
