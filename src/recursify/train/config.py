@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 
 from ..util import DEVICE_HELP
+from ..util.memory import KD_CHUNK_ELEMENTS
 from .losses import EXIT_SCHEDULES
 
 SCHEDULES = ("cosine", "wsd")
@@ -115,7 +116,7 @@ class TrainConfig:
                                         "evaluations: recipes whose evaluation is slower then still get equal "
                                         "training time (benchmarks); off, max_time is wall clock from the call "
                                         "to the saved model, loading and the final checkpoint included (compress).")
-    kd_chunk_elements: int = _f(1 << 26, "Logit elements (rows x vocab) per loss chunk: lower it to save memory.")
+    kd_chunk_elements: int = _f(KD_CHUNK_ELEMENTS, "Logit elements (rows x vocab) per loss chunk: lower it to save memory.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

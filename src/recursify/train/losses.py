@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..util.memory import KD_CHUNK_ELEMENTS
+
 __all__ = [
     "EXIT_SCHEDULES",
     "LossConfig",
@@ -52,8 +54,9 @@ __all__ = [
 
 EXIT_SCHEDULES = ("none", "weighted", "aggressive", "self_kd")
 
-# Logit elements ([rows, vocab]) computed at once; 2^26 fp32 = 256 MB per live temporary.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+# Logit elements ([rows, vocab]) computed at once; 2^24 fp32 = 64 MiB per live temporary. A chunk is
+# recomputed in the backward (one head matmul), so smaller chunks cost a little time, not memory.
+DEFAULT_CHUNK_ELEMENTS = KD_CHUNK_ELEMENTS
 
 
 @dataclass

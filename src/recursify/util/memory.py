@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 GiB = 2**30
 BASE = int(1.0 * GiB)  # interpreter, torch, tokenizer, allocator slack
-CHUNK_BYTES = 4 * (1 << 26)  # the KD loss's logit chunk (losses.DEFAULT_CHUNK_ELEMENTS fp32 elements) ...
+KD_CHUNK_ELEMENTS = 1 << 24  # logit elements (rows x vocab) of one KD loss chunk (train.losses' default)
+CHUNK_BYTES = 4 * KD_CHUNK_ELEMENTS  # ... in fp32 (64 MiB) ...
 CHUNK_LIVE = 5  # ... of which about five are alive at once (student and teacher logits, both log-softmaxes, KL)
 LOGIT_ELEMENTS = 1 << 26  # [batch, seq, vocab] elements an evaluation forward may make (eval.metrics)
 ROW_ELEMENTS = 1 << 24  # ... and its softmax temporaries' row chunk
