@@ -226,71 +226,100 @@ GRID = {"teacher": 20.0, "rec-cycle-average-rfull": 20.0, "rec-sequence-average-
         "rec-cycle-average-r8-kd": 60.0, "rec-sequence-average-r8-kd": 70.0}
 
 
-def test_full_rank_note_names_the_cells_that_miss_the_teacher():
-    """A full-rank cell far from the teacher is named with its number; exact ones are stated as exact."""
-    from recursify.report.render import grid_note
+def test_full_rank_verdict_names_the_cells_that_miss_the_teacher():
+    """Full-rank cells within 1e-3 (relative) of the teacher are exact; one further off is named with its number."""
+    from recursify.report.render import grid_verdict
 
-    exact = grid_note(_results(GRID))
-    assert exact.startswith("Full rank reproduces the teacher's perplexity (20.0) within 1e-03") and "all 2 cells" in exact
-    off = grid_note(_results({**GRID, "rec-sequence-average-rfull": 30.0}))
-    assert "Full rank reproduces" not in off
-    assert "does not reproduce" in off and "1 of 2 cells: sequence average 30.0 (+50.0%)" in off
-    assert "Full rank" not in grid_note(_results({k: v for k, v in GRID.items() if k != "teacher"}))  # nothing to compare
-
-
-def test_svd_note_follows_the_untrained_and_trained_numbers():
-    """Far-off SVD cells and KD that helps but stays far: neither recovers the teacher, said with the numbers."""
-    from recursify.report.render import grid_note
-
-    note = grid_note(_results(GRID))
-    assert "rank 8 scores a lower perplexity than rank 0 in 1 of 2 (strategy, init) pairs and a higher one in 1." in note
-    assert "closest to the teacher is cycle average r=8 at 500.0" in note and "alone does not recover the teacher" in note
-    assert "lowers perplexity in 2 of the 2 truncated-SVD cells" in note
-    assert "cycle average r=8 (500.0 → 60.0, +200.0% against the teacher's 20.0)" in note
-    assert "uptraining does not recover the teacher" in note and "uptraining does." not in note
+    exact = grid_verdict(_results(GRID)).full_rank
+    assert exact.exact and exact.teacher == 20.0 and exact.off == {} and exact.largest == 0.0
+    assert exact.cells == {"cycle average": 20.0, "sequence average": 20.0}
+    near = grid_verdict(_results({**GRID, "rec-sequence-average-rfull": 20.01})).full_rank  # 5e-4: float rounding
+    assert near.exact and near.largest == pytest.approx(5e-4)
+    for ppl in (20.03, 30.0):  # 1.5e-3 and 50% off: both miss the tolerance
+        off = grid_verdict(_results({**GRID, "rec-sequence-average-rfull": ppl})).full_rank
+        assert not off.exact and off.off == {"sequence average": ppl} and len(off.cells) == 2
+    no_teacher = {k: v for k, v in GRID.items() if k != "teacher"}
+    assert grid_verdict(_results(no_teacher)).full_rank is None  # nothing to compare: no claim
+    no_full = {k: v for k, v in GRID.items() if not k.endswith("-rfull")}
+    assert grid_verdict(_results(no_full)).full_rank is None
 
 
-def test_svd_note_when_the_svd_alone_is_already_close():
-    """An untrained truncated SVD within 2% of the teacher is reported as recovering it."""
-    from recursify.report.render import grid_note
+def test_svd_verdict_follows_the_untrained_and_trained_numbers():
+    """Far-off SVD cells and KD that helps but stays far: neither recovers the teacher."""
+    from recursify.report.render import Closest, RankVsZero, grid_verdict
 
-    note = grid_note(_results({**GRID, "rec-cycle-average-r8": 20.2}))
-    assert "closest to the teacher is cycle average r=8 at 20.2" in note
-    assert "alone recovers the teacher within 2%" in note and "does not recover the model" not in note
+    v = grid_verdict(_results(GRID))
+    # rank 8 against rank 0: cycle 500 < 900, sequence 850 > 800
+    assert v.rank_vs_zero == RankVsZero(8, {("cycle", "average"): True, ("sequence", "average"): False})
+    assert (v.rank_vs_zero.wins, v.rank_vs_zero.losses, v.rank_vs_zero.ties) == (1, 1, 0)
+    assert v.untrained == Closest("cycle average r=8", 500.0, 20.0) and v.untrained.within is False
+    up = v.uptraining
+    assert up.moved == {"cycle average r=8": True, "sequence average r=8": True} and (up.lowers, up.raises) == (2, 0)
+    assert up.closest == Closest("cycle average r=8", 60.0, 20.0) and up.start == 500.0
+    assert up.recovers is False
+
+    tie = grid_verdict(_results({**GRID, "rec-sequence-average-r8": 810.0})).rank_vs_zero  # 810 vs 800: within 2%
+    assert tie.better == {("cycle", "average"): True, ("sequence", "average"): None}
+    assert (tie.wins, tie.losses, tie.ties) == (1, 0, 1)
+    no_r0 = {k: v for k, v in GRID.items() if not k.endswith("-r0")}
+    assert grid_verdict(_results(no_r0)).rank_vs_zero is None  # not measured: no claim
 
 
-def test_svd_note_when_training_does_not_help():
-    """KD that raises perplexity is counted as such; KD that reaches the teacher is said to recover it."""
-    from recursify.report.render import grid_note
+def test_svd_verdict_when_the_svd_alone_is_already_close():
+    """An untrained truncated SVD within 2% of the teacher recovers it; 2.5% off does not."""
+    from recursify.report.render import Closest, grid_verdict
 
-    worse = grid_note(_results({**GRID, "rec-cycle-average-r8-kd": 700.0, "rec-sequence-average-r8-kd": 900.0}))
-    assert "lowers perplexity in 0 of the 2 truncated-SVD cells measured before and after it and raises it in 2" in worse
-    assert "uptraining does not recover the teacher" in worse
-    reached = grid_note(_results({**GRID, "rec-cycle-average-r8-kd": 20.1}))
-    assert "is within 2%, so uptraining recovers the teacher" in reached
-    untrained_only = grid_note(_results({k: v for k, v in GRID.items() if not k.endswith("-kd")}))
-    assert "Uptraining" not in untrained_only and "recover the teacher" in untrained_only  # not measured: no claim
+    close = grid_verdict(_results({**GRID, "rec-cycle-average-r8": 20.2})).untrained
+    assert close == Closest("cycle average r=8", 20.2, 20.0) and close.within is True
+    far = grid_verdict(_results({**GRID, "rec-cycle-average-r8": 20.5})).untrained
+    assert far.cell == "cycle average r=8" and far.within is False
+    no_teacher = grid_verdict(_results({k: v for k, v in GRID.items() if k != "teacher"}))
+    assert no_teacher.untrained is None  # not measured: no claim
+
+
+def test_svd_verdict_when_training_does_not_help():
+    """KD that raises perplexity is counted as such; KD that reaches the teacher recovers it."""
+    from recursify.report.render import Closest, grid_verdict
+
+    worse = grid_verdict(_results({**GRID, "rec-cycle-average-r8-kd": 700.0, "rec-sequence-average-r8-kd": 900.0})).uptraining
+    assert worse.moved == {"cycle average r=8": False, "sequence average r=8": False}
+    assert (worse.lowers, worse.raises) == (0, 2) and worse.recovers is False
+    assert worse.closest == Closest("cycle average r=8", 700.0, 20.0)
+    reached = grid_verdict(_results({**GRID, "rec-cycle-average-r8-kd": 20.1})).uptraining
+    assert reached.closest == Closest("cycle average r=8", 20.1, 20.0) and reached.start == 500.0
+    assert reached.recovers is True
+
+    untrained_only = grid_verdict(_results({k: v for k, v in GRID.items() if not k.endswith("-kd")}))
+    assert untrained_only.uptraining is None and untrained_only.untrained is not None  # not measured: no claim
+    no_teacher = grid_verdict(_results({k: v for k, v in GRID.items() if k != "teacher"})).uptraining
+    assert (no_teacher.lowers, no_teacher.raises) == (2, 0)  # KD's effect is still counted ...
+    assert no_teacher.closest is None and no_teacher.recovers is None  # ... but recovering the teacher is not claimed
 
 
 def test_report_header_follows_the_tokens_and_benchmarks_measured():
     """'The same for every baseline' only when every trained cell saw the budget's tokens; benchmarks only if run."""
-    from recursify.report.render import render_markdown
+    from recursify.report.render import TokensSeen, benchmarks_run, render_markdown, tokens_seen
 
-    def header(tokens: dict) -> list[str]:
-        res = _results({"teacher": 20.0, "truncated-kd": 90.0, "rec-cycle-average-r0-kd": 80.0},
-                       extra={k: {"params": 1e6, "train_tokens": t} for k, t in tokens.items()},
+    def results(tokens: dict, paper: bool = False):
+        extra = {k: {"params": 1e6, "train_tokens": t} for k, t in tokens.items()}
+        if paper:
+            extra["truncated-kd"] = {**extra.get("truncated-kd", {}), "paper": {"tasks": {}, "average": 0.5}}
+        res = _results({"teacher": 20.0, "truncated-kd": 90.0, "rec-cycle-average-r0-kd": 80.0}, extra=extra,
                        budget={"num_loops": 2, "batch_size": 4, "seq_len": 8, "lr": 1e-3, "eval_context": 16,
                                "task_limit": 2})
         res.summary.update(model="m", data=["d"], heldout=["h"], overlap_sequences=0, heldout_tokens=64)
         for c in res.summary["cells"]:
             c["seconds"] = 1.0
-        return render_markdown(res, "cmd").splitlines()[4:7]
+        return res
 
-    same = header({"truncated-kd": 1000, "rec-cycle-average-r0-kd": 1000})
-    assert same[0].endswith("lr 0.001), the same for every baseline.")
-    assert same[2] == "- Benchmarks: not run."
-    short = header({"truncated-kd": 400, "rec-cycle-average-r0-kd": 1000})
-    assert "the same for every baseline" not in short[0] and short[0].endswith("the trained cells saw 400, 1,000 tokens.")
+    same = results({"truncated-kd": 1000, "rec-cycle-average-r0-kd": 1000})
+    assert tokens_seen(same) == TokensSeen((1000,), 1000) and tokens_seen(same).same is True
+    assert benchmarks_run(same) is False
+    assert render_markdown(same, "cmd").startswith("# recursify report: m, budget `hand`")  # renders from hand-set cells
+    short = tokens_seen(results({"truncated-kd": 400, "rec-cycle-average-r0-kd": 1000}))
+    assert short == TokensSeen((400, 1000), 1000) and short.same is False
+    assert tokens_seen(results({})).same is None  # no cell recorded its tokens: no claim
+    assert benchmarks_run(results({"truncated-kd": 1000}, paper=True)) is True
 
 
 # ------------------------------------------------------------------ calibrated conversion
@@ -298,14 +327,15 @@ def test_report_header_follows_the_tokens_and_benchmarks_measured():
 
 def test_calibration_cells_are_planned_and_reported(report):
     """The seven cells are in the plan; report.md's section shows their measured numbers; tokens are equal."""
-    from recursify.report.render import _fmt_ppl
+    from recursify.report.render import Results, _fmt_ppl
+    from recursify.report.render_calibrated import trained_tokens
 
     root, _, summary = report
     planned = {c.key: c for c in plan_cells(BUDGET, benchmarks=False)}
     assert CALIBRATION_KEYS <= {k for k, c in planned.items() if "calibration" in c.tags}
     text = (root / "out" / "report.md").read_text()
     section = text.split("## Calibrated conversion (r=4, cycle, average init)")[1].split("## Early-exit recipes")[0]
-    assert f"Tokens are the report's budget currency: every trained row saw {BUDGET.train_tokens:,} training tokens" in section
+    assert trained_tokens(Results(summary)) == (BUDGET.train_tokens,)  # every trained row saw the budget's tokens
     for key in CALIBRATION_KEYS:
         assert _fmt_ppl(cell(summary, key)["ppl"]) in section
     local, kd = cell(summary, "rec-cycle-average-r4-cal-local-kd"), cell(summary, "rec-cycle-average-r4-cal-kd")
@@ -394,44 +424,87 @@ CAL_EXTRA = {"rec-cycle-average-r8-cal": {"params": 2_000_000}, "rec-cycle-avera
                                                    "kd_tokens": 700}}
 
 
-def test_calibration_notes_follow_the_numbers():
-    """Hand-set perplexities: each sentence states the measured comparison, and flips when the numbers do."""
-    from recursify.report.render_calibrated import calibration_notes, calibration_section
+def test_calibration_verdicts_follow_the_numbers():
+    """Hand-set perplexities: each comparison's numbers and verdict, flipped when the numbers do; a
+    comparison missing a cell is not made."""
+    from recursify.report.render_calibrated import (AllocatedVsUniform, CalibratedAfterKD, CalibratedUntrained,
+                                                    LocalVsKD, Pair, calibration_notes, calibration_section,
+                                                    calibration_verdicts, trained_tokens)
 
-    def notes(**ppl):
-        return {n["name"]: n for n in calibration_notes(_results({**CAL, **ppl}, extra=CAL_EXTRA))}
+    def verdicts(cells: dict = CAL, extra: dict = CAL_EXTRA, **ppl):
+        return {v.name: v for v in calibration_verdicts(_results({**cells, **ppl}, extra=extra))}
 
-    n = notes()
-    assert n["Calibrated vs plain conversion, untrained"]["better"] is True
-    assert ("the calibrated conversion scores 60.0 against the plain SVD conversion's 100.0 (-40.0%): calibration lowers "
-            "the converted model's perplexity.") in n["Calibrated vs plain conversion, untrained"]["text"]
-    assert "the calibrated start is still ahead." in n["Calibrated vs plain conversion, after KD"]["text"]
-    local = n["Local distillation + KD vs KD"]
-    assert local["better"] is None and "Spending 300 of 1,000 training tokens (30%)" in local["text"]
-    assert "local distillation moves the perplexity by less than 2% at this budget" in local["text"]
-    alloc = n["Allocated vs uniform ranks"]
-    assert "2.0M parameters against the uniform rank's 2.0M (-1,000)" in alloc["text"] and alloc["better"] is False
-    assert "allocating the ranks (after KD) raises the perplexity" in alloc["text"]
+    v = verdicts()
+    assert list(v) == [CalibratedUntrained.name, CalibratedAfterKD.name, LocalVsKD.name, AllocatedVsUniform.name]
+    untrained = v["Calibrated vs plain conversion, untrained"]
+    assert untrained == CalibratedUntrained(Pair(60.0, 100.0)) and untrained.better is True
+    after = v["Calibrated vs plain conversion, after KD"]
+    assert after == CalibratedAfterKD(Pair(30.0, 40.0), untrained=Pair(60.0, 100.0), tokens=1000)
+    assert after.better is True and after.lead_erased is False  # the calibrated start is still ahead
+    local = v["Local distillation + KD vs KD"]
+    assert local == LocalVsKD(Pair(30.3, 30.0), local_tokens=300, kd_tokens=700, ref_tokens=1000)
+    assert local.better is None  # 30.3 vs 30.0: within 2%
+    alloc = v["Allocated vs uniform ranks"]
+    assert alloc == AllocatedVsUniform(Pair(59.0, 60.0), trained=Pair(33.0, 30.0), params=1_999_000, ref_params=2_000_000)
+    assert alloc.better is False  # after KD, 33 vs 30: allocating raises the perplexity
+    notes = calibration_notes(_results(CAL, extra=CAL_EXTRA))  # results.json: each verdict's name and `better`
+    assert [(n["name"], n["better"]) for n in notes] == [(x.name, x.better) for x in v.values()]
 
-    flipped = notes(**{"rec-cycle-average-r8-cal": 150.0, "rec-cycle-average-r8-cal-kd": 40.2,
-                       "rec-cycle-average-r8-cal-local-kd": 20.0, "rec-cycle-average-r8-alloc-kd": 40.0})
-    assert "calibration raises the converted model's perplexity" in flipped["Calibrated vs plain conversion, untrained"]["text"]
-    assert "the two end within 2% of each other." in flipped["Calibrated vs plain conversion, after KD"]["text"]
-    assert "local distillation lowers the perplexity" in flipped["Local distillation + KD vs KD"]["text"]
-    assert "(after KD) moves the perplexity by less than 2%" in flipped["Allocated vs uniform ranks"]["text"]
-    lost = notes(**{"rec-cycle-average-r8-cal-kd": 40.5})
-    assert "so training erases the calibrated start's lead." in lost["Calibrated vs plain conversion, after KD"]["text"]
+    flipped = verdicts(**{"rec-cycle-average-r8-cal": 150.0, "rec-cycle-average-r8-cal-kd": 40.2,
+                          "rec-cycle-average-r8-cal-local-kd": 20.0, "rec-cycle-average-r8-alloc-kd": 40.0})
+    assert flipped["Calibrated vs plain conversion, untrained"].better is False  # 150 vs 100
+    after = flipped["Calibrated vs plain conversion, after KD"]
+    assert after.ppl == Pair(40.2, 40.0) and after.better is None
+    assert after.lead_erased is False  # no lead to erase: the calibrated start was behind
+    assert flipped["Local distillation + KD vs KD"].ppl == Pair(20.0, 40.2)
+    assert flipped["Local distillation + KD vs KD"].better is True
+    assert flipped["Allocated vs uniform ranks"].trained == Pair(40.0, 40.2)
+    assert flipped["Allocated vs uniform ranks"].better is None  # after KD, not the untrained 59 vs 60
+    lost = verdicts(**{"rec-cycle-average-r8-cal-kd": 40.5})["Calibrated vs plain conversion, after KD"]
+    assert lost.better is None and lost.untrained.better is True and lost.lead_erased is True
 
-    untrained = {k: v for k, v in CAL.items() if not k.endswith("-kd")}
-    only = {n["name"]: n for n in calibration_notes(_results(untrained, extra=CAL_EXTRA))}
-    assert set(only) == {"Calibrated vs plain conversion, untrained", "Allocated vs uniform ranks"}
-    assert "(untrained) moves the perplexity by less than 2%" in only["Allocated vs uniform ranks"]["text"]  # 59 vs 60
-    lower = calibration_notes(_results({**untrained, "rec-cycle-average-r8-alloc": 50.0}, extra=CAL_EXTRA))
-    assert "before training they score 50.0 against the calibrated uniform rank's 60.0 (-16.7%): allocating the " \
-           "ranks (untrained) lowers the perplexity." in lower[-1]["text"]
-    assert calibration_section(_results({"teacher": 20.0})) == []  # nothing measured: no section
+    untrained_cells = {k: x for k, x in CAL.items() if not k.endswith("-kd")}
+    only = verdicts(untrained_cells)
+    assert set(only) == {"Calibrated vs plain conversion, untrained", "Allocated vs uniform ranks"}  # KD not measured
+    assert only["Allocated vs uniform ranks"].trained is None and only["Allocated vs uniform ranks"].better is None
+    lower = verdicts(untrained_cells, **{"rec-cycle-average-r8-alloc": 50.0})["Allocated vs uniform ranks"]
+    assert lower.untrained == Pair(50.0, 60.0) and lower.trained is None and lower.better is True
+    no_plain = verdicts({k: x for k, x in CAL.items() if k != "rec-cycle-average-r8"})
+    assert no_plain["Calibrated vs plain conversion, after KD"].untrained is None  # before training: not measured
+    assert no_plain["Calibrated vs plain conversion, after KD"].lead_erased is False
+    no_params = verdicts(extra={})["Allocated vs uniform ranks"]
+    assert (no_params.params, no_params.ref_params) == (None, None)
+    assert verdicts({"teacher": 20.0}) == {} and calibration_section(_results({"teacher": 20.0})) == []  # no section
+
+    assert trained_tokens(_results(CAL, extra=CAL_EXTRA)) == (1000,)  # every trained row saw 1,000 tokens
     section = "\n".join(calibration_section(_results(CAL, extra=CAL_EXTRA)))
-    assert "every trained row saw 1,000 training tokens" in section and "| 300 + 700 |" in section
+    assert "| 300 + 700 |" in section and "| 0 + 1,000 |" in section  # the table's local + KD tokens
     uneven = {**CAL_EXTRA, "rec-cycle-average-r8-kd": {"params": 2_000_000, "train_tokens": 900}}
-    assert "the trained rows saw 900, 1,000 training tokens, not the same number" in \
-        "\n".join(calibration_section(_results(CAL, extra=uneven)))
+    assert trained_tokens(_results(CAL, extra=uneven)) == (900, 1000)  # not the same number
+    assert trained_tokens(_results(untrained_cells)) == ()  # no row trained
+
+
+def test_note_text_is_unchanged():
+    """The one guard of the wording: the grid note and the calibration notes, rendered in full."""
+    from recursify.report.render import grid_note
+    from recursify.report.render_calibrated import calibration_notes
+
+    assert grid_note(_results(GRID)) == (
+        "Full rank reproduces the teacher's perplexity (20.0) within 1e-03 (relative) in all 2 cells (largest difference "
+        "0.0e+00), which checks the conversion itself. Before uptraining, rank 8 scores a lower perplexity than rank 0 "
+        "in 1 of 2 (strategy, init) pairs and a higher one in 1. Without training, the truncated-SVD cell closest to the "
+        "teacher is cycle average r=8 at 500.0 against the teacher's 20.0 (25x higher): the SVD of the residuals alone "
+        "does not recover the teacher. Uptraining with KD lowers perplexity in 2 of the 2 truncated-SVD cells measured "
+        "before and after it and raises it in 0; the closest to the teacher afterwards, cycle average r=8 (500.0 → 60.0, "
+        "+200.0% against the teacher's 20.0), is not within 2%, so uptraining does not recover the teacher.")
+    assert [n["text"] for n in calibration_notes(_results(CAL, extra=CAL_EXTRA))] == [
+        ("Before training, the calibrated conversion scores 60.0 against the plain SVD conversion's 100.0 (-40.0%): "
+         "calibration lowers the converted model's perplexity."),
+        ("After 1,000 KD tokens each, the calibrated start ends at 30.0 against the plain one's 40.0 (-25.0%): the "
+         "calibrated start is still ahead."),
+        ("Spending 300 of 1,000 training tokens (30%) on local distillation before KD scores 30.3 against KD alone's 30.0 "
+         "(+1.0%) (on 1,000 tokens), both from the same calibrated conversion: local distillation moves the perplexity "
+         "by less than 2% at this budget."),
+        ("Ranks allocated per linear hold 2.0M parameters against the uniform rank's 2.0M (-1,000); before training they "
+         "score 59.0 against the calibrated uniform rank's 60.0 (-1.7%), after KD 33.0 against the uniform rank's 30.0 "
+         "(+10.0%): allocating the ranks (after KD) raises the perplexity.")]

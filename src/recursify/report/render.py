@@ -4,6 +4,10 @@ calibrated-conversion section is `render_calibrated.py`).
 The findings section compares our numbers with the paper's claims one by one. A difference in
 perplexity smaller than `NOISE` (relative) is called inconclusive: a tiny KD budget and a few
 thousand held-out tokens cannot resolve more than that.
+
+Each note is a pure verdict computed from the measured numbers (`grid_verdict`, `tokens_seen`: frozen
+dataclasses, None where a number was not measured) and a renderer that words it (`render_grid_note`);
+tests check the verdicts, and a single test guards the wording.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import math
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from .plan import Cell
@@ -95,56 +100,139 @@ def _measured(res: Results, keys: dict) -> dict:
     return {name: v for name, v in vals.items() if v is not None and not math.isnan(v)}
 
 
-def full_rank_note(res: Results) -> str:
-    """Whether the exact (full-rank) conversion scores the teacher's perplexity, cell by cell."""
-    b, teacher = res.budget, res.ppl("teacher")
-    full = _measured(res, {f"{s} {i}": _rec(strategy=s, init=i, rank="full", trained=False)
-                           for s in b["strategies"] for i in b["inits"]})
-    if not full or not teacher:
-        return ""
-    off = {n: v for n, v in full.items() if not abs(v - teacher) <= FULL_RANK_TOL * teacher}
-    if not off:
-        return (f"Full rank reproduces the teacher's perplexity ({_fmt_ppl(teacher)}) within {FULL_RANK_TOL:.0e} (relative) "
-                f"in all {len(full)} cells (largest difference {max(abs(v - teacher) for v in full.values()) / teacher:.1e}), "
-                "which checks the conversion itself.")
-    listed = ", ".join(f"{n} {_fmt_ppl(v)} ({_off(v, teacher)})" for n, v in off.items())
-    return (f"Full rank does not reproduce the teacher's perplexity ({_fmt_ppl(teacher)}) within {FULL_RANK_TOL:.0e} "
-            f"(relative) in {len(off)} of {len(full)} cells: {listed}; the conversion is not exact there.")
+@dataclass(frozen=True)
+class FullRank:
+    """The exact (full-rank) conversion against the teacher: every measured full-rank cell
+    ("strategy init" -> perplexity), and `off`, those further than FULL_RANK_TOL (relative) from the teacher."""
+
+    teacher: float
+    cells: dict[str, float]
+    off: dict[str, float]
+
+    @property
+    def exact(self) -> bool:
+        return not self.off
+
+    @property
+    def largest(self) -> float:
+        """The largest relative difference from the teacher's perplexity."""
+        return max(abs(v - self.teacher) for v in self.cells.values()) / self.teacher
 
 
-def svd_note(res: Results) -> str:
-    """What a truncated SVD does before training, and what uptraining adds, from the numbers measured."""
+@dataclass(frozen=True)
+class RankVsZero:
+    """Untrained rank `rank` against rank 0, per (strategy, init) pair measured at both: True where rank
+    `rank` scores the clearly lower perplexity, False the clearly higher one, None within NOISE."""
+
+    rank: int
+    better: dict[tuple[str, str], bool | None]
+
+    wins = property(lambda self: list(self.better.values()).count(True))
+    losses = property(lambda self: list(self.better.values()).count(False))
+    ties = property(lambda self: list(self.better.values()).count(None))
+
+
+@dataclass(frozen=True)
+class Closest:
+    """The cell whose perplexity is closest to the teacher's; `within`: no further than NOISE (relative)."""
+
+    cell: str
+    ppl: float
+    teacher: float
+
+    @property
+    def within(self) -> bool:
+        return abs(self.ppl - self.teacher) <= NOISE * self.teacher
+
+
+@dataclass(frozen=True)
+class Uptraining:
+    """KD on the truncated-SVD cells measured before and after it: per cell, True where KD clearly lowers
+    the perplexity, False where it clearly raises it, None within NOISE; the cell closest to the teacher
+    after KD and its untrained perplexity `start` (both None where the teacher was not measured)."""
+
+    moved: dict[str, bool | None]
+    closest: Closest | None = None
+    start: float | None = None
+
+    lowers = property(lambda self: list(self.moved.values()).count(True))
+    raises = property(lambda self: list(self.moved.values()).count(False))
+
+    @property
+    def recovers(self) -> bool | None:
+        """The closest cell after KD is within NOISE of the teacher; None: the teacher was not measured."""
+        return None if self.closest is None else self.closest.within
+
+
+@dataclass(frozen=True)
+class GridVerdict:
+    """What the untrained grid (and KD on its truncated-SVD cells) shows; None where it was not measured."""
+
+    full_rank: FullRank | None
+    rank_vs_zero: RankVsZero | None
+    untrained: Closest | None  # the untrained truncated-SVD cell closest to the teacher
+    uptraining: Uptraining | None
+
+
+def _closest(vals: dict[str, float], teacher: float | None) -> Closest | None:
+    if not vals or not teacher:
+        return None
+    n = min(vals, key=lambda k: abs(vals[k] - teacher))
+    return Closest(n, vals[n], teacher)
+
+
+def grid_verdict(res: Results) -> GridVerdict:
+    """The grid's verdicts from the measured perplexities (pure: report.md's wording is `render_grid_note`)."""
     b, teacher = res.budget, res.ppl("teacher")
-    low = [r for r in b["ranks"] if r not in (0, "full")]
     pairs = [(s, i) for s in b["strategies"] for i in b["inits"]]
-    notes = []
+    full = _measured(res, {f"{s} {i}": _rec(strategy=s, init=i, rank="full", trained=False) for s, i in pairs})
+    full_rank = None if not full or not teacher else FullRank(
+        teacher, full, {n: v for n, v in full.items() if not abs(v - teacher) <= FULL_RANK_TOL * teacher})
+    low = [r for r in b["ranks"] if r not in (0, "full")]
+    rank_vs_zero = None
     if low:
         r0, r1 = (_measured(res, {p: _rec(strategy=p[0], init=p[1], rank=r, trained=False) for p in pairs}) for r in (0, low[0]))
-        both = [_better(r1[p], r0[p]) for p in pairs if p in r0 and p in r1]
-        if both:
-            notes.append(f"Before uptraining, rank {low[0]} scores a lower perplexity than rank 0 in {both.count(True)} "
-                         f"of {len(both)} (strategy, init) pairs and a higher one in {both.count(False)}"
-                         + (f" ({both.count(None)} within {NOISE:.0%})." if None in both else "."))
+        better = {p: _better(r1[p], r0[p]) for p in pairs if p in r0 and p in r1}
+        rank_vs_zero = RankVsZero(low[0], better) if better else None
     keys = {f"{s} {i} r={r}": (s, i, r) for s, i in pairs for r in low}
     before = _measured(res, {n: _rec(strategy=s, init=i, rank=r, trained=False) for n, (s, i, r) in keys.items()})
     after = _measured(res, {n: _rec(strategy=s, init=i, rank=r) for n, (s, i, r) in keys.items()})
-    if before and teacher:
-        n = min(before, key=lambda k: abs(before[k] - teacher))
-        close = abs(before[n] - teacher) <= NOISE * teacher
-        notes.append(f"Without training, the truncated-SVD cell closest to the teacher is {n} at {_fmt_ppl(before[n])} "
-                     f"against the teacher's {_fmt_ppl(teacher)} ({_off(before[n], teacher)}): the SVD of the residuals "
-                     + (f"alone recovers the teacher within {NOISE:.0%}." if close else "alone does not recover the teacher."))
     paired = [n for n in keys if n in before and n in after]
+    uptraining = None
     if paired:
-        moved = [_better(after[n], before[n]) for n in paired]
-        text = (f"Uptraining with KD lowers perplexity in {moved.count(True)} of the {len(paired)} truncated-SVD cells "
-                f"measured before and after it and raises it in {moved.count(False)}")
-        if teacher:
-            n = min(paired, key=lambda k: abs(after[k] - teacher))
-            reached = abs(after[n] - teacher) <= NOISE * teacher
-            text += (f"; the closest to the teacher afterwards, {n} ({_fmt_ppl(before[n])} → {_fmt_ppl(after[n])}, "
-                     f"{_off(after[n], teacher)} against the teacher's {_fmt_ppl(teacher)}), "
-                     + (f"is within {NOISE:.0%}, so uptraining recovers the teacher" if reached
+        closest = _closest({n: after[n] for n in paired}, teacher)
+        uptraining = Uptraining({n: _better(after[n], before[n]) for n in paired}, closest,
+                                None if closest is None else before[closest.cell])
+    return GridVerdict(full_rank, rank_vs_zero, _closest(before, teacher), uptraining)
+
+
+def render_grid_note(v: GridVerdict) -> str:
+    """The grid's verdicts as report.md's sentences (nothing for what was not measured)."""
+    notes = []
+    if (f := v.full_rank) and f.exact:
+        notes.append(f"Full rank reproduces the teacher's perplexity ({_fmt_ppl(f.teacher)}) within {FULL_RANK_TOL:.0e} "
+                     f"(relative) in all {len(f.cells)} cells (largest difference {f.largest:.1e}), "
+                     "which checks the conversion itself.")
+    elif f:
+        listed = ", ".join(f"{n} {_fmt_ppl(x)} ({_off(x, f.teacher)})" for n, x in f.off.items())
+        notes.append(f"Full rank does not reproduce the teacher's perplexity ({_fmt_ppl(f.teacher)}) within "
+                     f"{FULL_RANK_TOL:.0e} (relative) in {len(f.off)} of {len(f.cells)} cells: {listed}; "
+                     "the conversion is not exact there.")
+    if r := v.rank_vs_zero:
+        notes.append(f"Before uptraining, rank {r.rank} scores a lower perplexity than rank 0 in {r.wins} "
+                     f"of {len(r.better)} (strategy, init) pairs and a higher one in {r.losses}"
+                     + (f" ({r.ties} within {NOISE:.0%})." if r.ties else "."))
+    if c := v.untrained:
+        notes.append(f"Without training, the truncated-SVD cell closest to the teacher is {c.cell} at {_fmt_ppl(c.ppl)} "
+                     f"against the teacher's {_fmt_ppl(c.teacher)} ({_off(c.ppl, c.teacher)}): the SVD of the residuals "
+                     + (f"alone recovers the teacher within {NOISE:.0%}." if c.within else "alone does not recover the teacher."))
+    if u := v.uptraining:
+        text = (f"Uptraining with KD lowers perplexity in {u.lowers} of the {len(u.moved)} truncated-SVD cells "
+                f"measured before and after it and raises it in {u.raises}")
+        if c := u.closest:
+            text += (f"; the closest to the teacher afterwards, {c.cell} ({_fmt_ppl(u.start)} → {_fmt_ppl(c.ppl)}, "
+                     f"{_off(c.ppl, c.teacher)} against the teacher's {_fmt_ppl(c.teacher)}), "
+                     + (f"is within {NOISE:.0%}, so uptraining recovers the teacher" if u.recovers
                         else f"is not within {NOISE:.0%}, so uptraining does not recover the teacher"))
         notes.append(text + ".")
     return " ".join(notes)
@@ -152,7 +240,7 @@ def svd_note(res: Results) -> str:
 
 def grid_note(res: Results) -> str:
     """What the untrained grid shows, stated from its numbers (nothing where they were not measured)."""
-    return " ".join(x for x in (full_rank_note(res), svd_note(res)) if x)
+    return render_grid_note(grid_verdict(res))
 
 
 def trained_table(res: Results) -> str:
@@ -267,12 +355,32 @@ def findings(res: Results) -> list[dict]:
 # ---------------------------------------------------------------------------------------- report
 
 
-def _tokens_note(res: Results) -> str:
-    """Whether every trained cell, baselines included, really saw the budget's token count."""
+@dataclass(frozen=True)
+class TokensSeen:
+    """The training-token counts the trained cells recorded (sorted, each once), against the budget's."""
+
+    seen: tuple[int, ...]
+    budget: int
+
+    @property
+    def same(self) -> bool | None:
+        """Every trained cell, baselines included, saw the budget's tokens; None: no cell recorded any."""
+        return self.seen == (self.budget,) if self.seen else None
+
+
+def tokens_seen(res: Results) -> TokensSeen:
     seen = sorted({c["result"]["train_tokens"] for c in res.summary["cells"] if "train_tokens" in c["result"]})
-    if seen in ([], [res.budget["train_tokens"]]):
-        return ", the same for every baseline" if seen else ""
-    return "; the trained cells saw " + ", ".join(f"{t:,}" for t in seen) + " tokens"
+    return TokensSeen(tuple(seen), res.budget["train_tokens"])
+
+
+def benchmarks_run(res: Results) -> bool:
+    return any("paper" in c["result"] for c in res.summary["cells"])
+
+
+def _tokens_note(t: TokensSeen) -> str:
+    if t.same is None:
+        return ""
+    return ", the same for every baseline" if t.same else "; the trained cells saw " + ", ".join(f"{x:,}" for x in t.seen) + " tokens"
 
 
 def render_markdown(res: Results, command: str) -> str:
@@ -284,11 +392,11 @@ def render_markdown(res: Results, command: str) -> str:
     limit = "all items" if b["task_limit"] is None else f"the first {b['task_limit']} items of each task"
     lines += [
         f"- {b['num_loops']} loops; {b['train_tokens']:,} KD tokens per trained model (batch {b['batch_size']} x "
-        f"{b['seq_len']}, lr {b['lr']}){_tokens_note(res)}.",
+        f"{b['seq_len']}, lr {b['lr']}){_tokens_note(tokens_seen(res))}.",
         f"- Perplexity: strided sliding window (context {b['eval_context']}, stride {b['eval_context'] // 2}) over "
         f"{s['heldout_tokens']:,} held-out tokens of {', '.join(s['heldout'])}; training text: {', '.join(s['data'])}.",
         f"- Benchmarks: the paper's seven tasks through lm-evaluation-harness, zero-shot, {limit}."
-        if any("paper" in c["result"] for c in s["cells"]) else "- Benchmarks: not run.",
+        if benchmarks_run(res) else "- Benchmarks: not run.",
         f"- Held-out sequences found in the training data: {s['overlap_sequences']}.",
         f"- {len(s['cells'])} cells; computing them took {sum(c['seconds'] for c in s['cells']) / 60:.0f} minutes "
         f"({len(s.get('computed', []))} computed by the latest run, the rest reused from `cells/`); "
