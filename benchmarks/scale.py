@@ -127,8 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results/scale_tinyllama_cpu.json")
     args = ap.parse_args(argv)
 
-    from recursify.budget import parse_duration
-    from recursify.compress import CompressConfig, compress
+    from recursify.compress import CompressConfig, compress, parse_duration
     from recursify.util.device import resolve_placement, total_memory
     from recursify.util.memory import GiB
 

@@ -13,6 +13,7 @@ from tiny_models import make
 
 import recursify as rf
 from recursify.compress import CompressConfig, CompressError, compress, parse_duration
+from recursify.compress.state import RunState
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +149,13 @@ def test_loops_auto_keeps_the_best_converted_layout_and_reports_the_search(teach
 def test_a_short_budget_gives_up_the_layout_search_before_calibration_text(teacher_dir, tmp_path, monkeypatch):
     """The layout taken without a search ended within 1 % of the best after training, while fewer
     calibration tokens cost the conversion far more (README): a short budget drops the search first."""
-    import recursify.compress as compress_module
+    import recursify.compress.plan as plan_module
     import recursify.conversion.calibrate
     from recursify.conversion.layout_search import candidates, without_search
 
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     seen = {}
-    real_stats, real_cost = recursify.conversion.calibrate.cached_stats, compress_module._convert_forwards
+    real_stats, real_cost = recursify.conversion.calibrate.cached_stats, plan_module.convert_forwards
 
     def stats_spy(source, seqs, *a, **kw):
         seen["calibration"] = seqs
@@ -162,7 +163,7 @@ def test_a_short_budget_gives_up_the_layout_search_before_calibration_text(teach
 
     monkeypatch.setattr(recursify.conversion.calibrate, "cached_stats", stats_spy)
     # scoring the layouts (average init) would take days; the chosen layout's own conversion does not
-    monkeypatch.setattr(compress_module, "_convert_forwards", lambda init, scale=1.0: 10**12 if init == "average" else real_cost(init, scale))
+    monkeypatch.setattr(plan_module, "convert_forwards", lambda init, scale=1.0: 10**12 if init == "average" else real_cost(init, scale))
     lines = []
     s = compress(cfg(teacher_dir, tmp_path / "short", loops="auto", lora_rank=None, target_params=0.8,
                      calib_tokens=4096, max_tokens=8 * 16 * 4, time_budget=300.0), log=lines.append)
@@ -244,6 +245,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monk
     work = tmp_path / ".resumed.work"
     assert (work / "state.json").exists() and not out.exists()
     assert [p.name for p in (work / "kd" / "checkpoints").iterdir()] == ["step-0000003"]
+    state = RunState.load(work / "state.json")  # what the resumed run starts from
+    assert state.max_tokens == 8 * 16 * 12 and state.teacher_ppl > 0 and state.train_steps is None
 
     with pytest.raises(CompressError, match="other settings"):  # a training setting may not change
         compress(cfg(teacher_dir, out, time_budget=120.0, max_tokens=8 * 16 * 12, lr=5e-3), log=lambda s: None)
@@ -256,8 +259,17 @@ def test_an_interrupted_run_resumes_where_it_stopped(teacher_dir, tmp_path, monk
     assert steps[:3] == [1, 2, 3] and steps == sorted(set(steps)) and summary["train_steps"] == steps[-1] > 3
 
 
+def test_an_unreadable_state_file_is_one_line_and_keeps_the_work_folder(teacher_dir, tmp_path):
+    work = tmp_path / ".garbled.work"
+    work.mkdir()
+    (work / "state.json").write_text('{"step": 3}')
+    with pytest.raises(CompressError, match="is not a recursify compress state .*pass --overwrite"):
+        compress(cfg(teacher_dir, tmp_path / "garbled"), log=lambda s: None)
+    assert (work / "state.json").exists()
+
+
 def test_curvature_is_recorded_and_a_short_budget_drops_it_before_calibration_text(teacher_dir, tmp_path, monkeypatch):
-    import recursify.compress as compress_module
+    import recursify.compress.plan as plan_module
 
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
     lines = []
@@ -267,7 +279,7 @@ def test_curvature_is_recorded_and_a_short_budget_drops_it_before_calibration_te
     assert list((tmp_path / "cache" / "calibration").glob("*.curvature.safetensors"))
 
     # a curvature that would take days: dropped, while the calibration text stays whole
-    monkeypatch.setattr(compress_module, "_curvature_forwards", lambda tokens, sequential: 10**12)
+    monkeypatch.setattr(plan_module, "curvature_forwards", lambda tokens, sequential: 10**12)
     lines = []
     s = compress(cfg(teacher_dir, tmp_path / "inputs", curvature=True, calib_tokens=1024, max_tokens=8 * 16 * 2),
                  log=lines.append)

@@ -107,10 +107,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 def test_conversion_cost_is_smollm2s_for_smollm2_and_grows_with_width():
     """The time planner's conversion cost was measured on SmolLM2: its shape must scale it by
     exactly 1; a model of TinyLlama's shape decomposes 2048-wide matrices (about 4x the work per
-    forward, computed by hand in `budget.conversion_scale`'s docstring)."""
+    forward, computed by hand in `compress.plan.conversion_scale`'s docstring)."""
     from transformers import LlamaConfig
 
-    from recursify.budget import conversion_scale
+    from recursify.compress.plan import conversion_scale
     from recursify.families import arch_from_config, detect_family
 
     def scale(**kw):

@@ -1,72 +1,8 @@
-"""The time budget `recursify compress` plans against: a clock that survives a resume, and what a
-conversion costs in teacher forwards (the planner turns forwards into seconds with the forward
-speed it measures on the machine)."""
+"""The memory budget `recursify compress` checks before any work: each stage's estimated peak
+against what the device has free, and what to give up (or which flag to pass) when it does not fit.
+The time budget is planned in `compress/plan.py`."""
 
 from __future__ import annotations
-
-import time
-
-
-def convert_forwards(init: str, scale: float = 1.0) -> float:
-    """A conversion's time in teacher forwards (measured on SmolLM2 / 2 cores): about 10k whatever
-    the tokens, four times that with the joint calibrated shared-weight fit; times `scale`
-    (`conversion_scale`) for another model."""
-    return (40_000 if init == "calibrated" else 10_000) * scale
-
-
-def _decomposition_per_forward(arch, family) -> float:
-    """A conversion's decompositions (an eigendecomposition of min(d_in, d_out) per linear and
-    position: cubic) per multiply-add of one token's forward (quadratic)."""
-    shapes = [arch.linear_shape(n) for n in family.linears]
-    cubic = arch.num_layers * sum(min(d_in, d_out) ** 3 for d_in, d_out in shapes)
-    macs = arch.num_layers * sum(d_in * d_out for d_in, d_out in shapes) + arch.hidden_size * arch.vocab_size
-    return cubic / macs
-
-
-# SmolLM2-135M's ratio (30 layers of 576 / 1536, vocabulary 49152), which `convert_forwards` was measured on
-_SMOLLM2_RATIO = 30 * (5 * 576**3 + 2 * 192**3) / (30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152)
-
-
-def conversion_scale(arch, family) -> float:
-    """How many times SmolLM2's conversion time, in its own forwards, a model's conversion takes:
-    eigendecompositions grow with the cube of the width, a forward with its square (a 1B model
-    of TinyLlama's shape: about 4x)."""
-    return _decomposition_per_forward(arch, family) / _SMOLLM2_RATIO
-
-
-def curvature_forwards(tokens: int, sequential: bool) -> int:
-    """The output curvature's time in teacher forwards (measured the same way): about 4 a token for
-    the backward passes, then one G^{1/2} per linear and position in the conversion and again in
-    the sequential refit."""
-    return 4 * tokens + 20_000 + (20_000 if sequential else 0)
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '45m', '1.5h' or plain seconds -> seconds (a ValueError naming the forms otherwise)."""
-    text = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise ValueError(f"cannot read the duration {text!r}; use e.g. 90s, 45m, 1.5h") from None
-
-
-class Clock:
-    """Budget bookkeeping that survives a resume: seconds spent by earlier attempts are kept in
-    the work folder's state file."""
-
-    def __init__(self, budget: float, spent_before: float = 0.0):
-        self.budget, self.before, self.t0 = budget, spent_before, time.monotonic()
-
-    @property
-    def spent(self) -> float:
-        return self.before + time.monotonic() - self.t0
-
-    @property
-    def left(self) -> float:
-        return self.budget - self.spent
 
 
 def compress_shapes(source_config, recursion, target_params: float | None = None):

@@ -173,14 +173,20 @@ def collect_stats(source, sequences: torch.Tensor, batch_size: int = 4, progress
     return CalibrationStats(n_tokens, groups, cov)
 
 
-def fingerprint(source, sequences: torch.Tensor) -> str:
-    """A cache key for (model weights, tokens): config + embedding + one layer's bytes + token ids."""
+def _model_digest(source):
+    """The model's part of `fingerprint`: config + embedding + one layer's bytes."""
     family = detect_family(source.config)
     h = hashlib.sha256()
     h.update(json.dumps(source.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(source.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
     for p in _layers(source, family)[-1].parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
+    return h
+
+
+def fingerprint(source, sequences: torch.Tensor, _model=None) -> str:
+    """A cache key for (model weights, tokens): config + embedding + one layer's bytes + token ids."""
+    h = (_model_digest(source) if _model is None else _model).copy()
     h.update(sequences.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:24]
 
@@ -188,6 +194,12 @@ def fingerprint(source, sequences: torch.Tensor) -> str:
 def stats_path(source, sequences: torch.Tensor, cache_dir: str | Path) -> Path:
     """Where `cached_stats` keeps the statistics of `source` on `sequences`."""
     return Path(cache_dir) / f"{fingerprint(source, sequences)}.safetensors"
+
+
+def stats_paths(source, token_sets: list[torch.Tensor], cache_dir: str | Path) -> list[Path]:
+    """`stats_path` of several token sets of one model, its weights hashed once."""
+    model = _model_digest(source)
+    return [Path(cache_dir) / f"{fingerprint(source, seqs, model)}.safetensors" for seqs in token_sets]
 
 
 def cached_stats(source, sequences: torch.Tensor, cache_dir: str | Path | None, progress: bool = True) -> CalibrationStats:

@@ -9,15 +9,12 @@ from typing import Callable
 
 import torch
 
-from .config import RecursionConfig
+from ..config import RecursionConfig
+from .config import fmt_seconds
+from .state import RunState
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n   ", "The most important thing about a list is")
 LABELS = {"teacher": "teacher", "student": "compressed", "baseline": "plain model, same size and training"}
-
-
-def fmt_seconds(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 DECODE_TOKENS = 16  # tokens generated per decode-speed measurement, after a 16-token prompt
@@ -30,7 +27,7 @@ def decode_speed(model, batch: int, vocab: int) -> float:
     time of DECODE_TOKENS new tokens less that of the first (the prefill), so prefill is left out."""
     import time
 
-    from .util.device import synchronize
+    from ..util.device import synchronize
 
     device = next(model.parameters()).device
     ids = torch.randint(3, vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
@@ -51,10 +48,10 @@ def costs(models: dict) -> dict:
     """Per model: weight bytes, multiply-adds per token (linears and head, `allocate.macs_per_token`)
     and greedy decode speed at batch 1 and at the largest batch (up to 16) whose KV cache fits half
     the device's free memory beside the teacher, measured on the device the models are on."""
-    from .conversion.allocate import macs_per_token
-    from .engine.kv_cache import KVCache
-    from .families import arch_from_config, detect_family
-    from .util.device import free_memory
+    from ..conversion.allocate import macs_per_token
+    from ..engine.kv_cache import KVCache
+    from ..families import arch_from_config, detect_family
+    from ..util.device import free_memory
 
     teacher = models["teacher"]
     weight = next(teacher.parameters())
@@ -80,7 +77,7 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
             log: Callable[[str], None] = print) -> dict:
     """Per model (the teacher first): held-out perplexity, agreement with the teacher, generations,
     and with `paper_items` > 0 the seven benchmarks on their first `paper_items` items."""
-    from .eval.metrics import perplexity, teacher_agreement
+    from ..eval.metrics import perplexity, teacher_agreement
 
     teacher = models["teacher"]
     device = next(teacher.parameters()).device
@@ -101,7 +98,7 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
     if paper_items:
         import warnings
 
-        from .eval.harness import run_paper_tasks
+        from ..eval.harness import run_paper_tasks
 
         for name, model in models.items():
             log(f"      the paper's seven tasks, first {paper_items} items each: {LABELS[name]}")
@@ -113,7 +110,7 @@ def measure(models: dict, tok, stream: torch.Tensor, seq_len: int, paper_items: 
     return res
 
 
-def build_summary(cfg: dict, state: dict, m: dict, models: dict, heldout_tokens: int, seconds: float) -> dict:
+def build_summary(cfg: dict, state: RunState, m: dict, models: dict, heldout_tokens: int, seconds: float) -> dict:
     """summary.json: the run's settings and sizes, the compress state's record of each stage, and
     what `measure` found for each model."""
     teacher, student = models["teacher"], models["student"]
@@ -124,21 +121,21 @@ def build_summary(cfg: dict, state: dict, m: dict, models: dict, heldout_tokens:
         "params": {"teacher": params_teacher, "student": params_student,
                    "fraction": params_student / params_teacher},
         "heldout_tokens": heldout_tokens,
-        "ppl": {"teacher": state["teacher_ppl"], "converted": state["before"], "after_local": state.get("after_local"),
+        "ppl": {"teacher": state.teacher_ppl, "converted": state.before, "after_local": state.after_local,
                 "student": m["ppl"]["student"]},
-        "local_tokens": state.get("local_tokens"),
+        "local_tokens": state.local_tokens,
         "top1_agreement": m["agreement"]["student"]["top1_agreement"], "kl": m["agreement"]["student"]["kl"],
-        "train_tokens": state.get("train_tokens"), "train_steps": state.get("train_steps"),
-        "train_tokens_per_s": state.get("train_tok_s"), "train_seconds": state.get("train_seconds"),
+        "train_tokens": state.train_tokens, "train_steps": state.train_steps,
+        "train_tokens_per_s": state.train_tok_s, "train_seconds": state.train_seconds,
         "seconds": seconds, "generations": m["generations"], "paper": m["paper"] or None,
-        "layout_search": state.get("layout_search"), "cost": m.get("cost"),
+        "layout_search": state.layout_search, "cost": m.get("cost"),
     }
     if "baseline" in models:
         b = models["baseline"]
         summary["baseline"] = {"layers": b.config.num_hidden_layers, "params": sum(p.numel() for p in b.parameters()),
                                "ppl": m["ppl"]["baseline"], "top1_agreement": m["agreement"]["baseline"]["top1_agreement"],
-                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.get("baseline_tokens"),
-                               "lr": state.get("baseline_lr")}
+                               "kl": m["agreement"]["baseline"]["kl"], "train_tokens": state.baseline_tokens,
+                               "lr": state.baseline_lr}
     return summary
 
 
@@ -224,7 +221,7 @@ def render_summary(s: dict) -> str:
                       f"{st['decode_tok_s'][str(b)] / t['decode_tok_s'][str(b)]:.2f}x at batch {b}."]
     paper = s.get("paper") or {}
     if paper:
-        from .eval.harness import DISPLAY_NAMES
+        from ..eval.harness import DISPLAY_NAMES
 
         names = list(paper["teacher"]["tasks"])
         lines += ["", f"The paper's seven benchmarks, first {s['config']['paper_tasks']} items each:", "",
@@ -245,4 +242,4 @@ def render_summary(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PROMPTS", "fmt_seconds", "measure", "render_summary"]
+__all__ = ["PROMPTS", "build_summary", "measure", "render_summary"]
