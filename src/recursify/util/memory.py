@@ -14,8 +14,8 @@ what each stands for:
   activations every unrolled position keeps for the backward (with gradient checkpointing only its
   input), the attention scores of one position, and one sequence chunk's logit temporaries: the
   teacher's logits are made chunk by chunk from its final hidden state (`losses.TeacherLogits`);
-* evaluation: both models at the compute dtype plus one batch's logits for each, capped at
-  `LOGIT_ELEMENTS` (`eval.metrics` shrinks its batches to fit).
+* evaluation: both models at the compute dtype plus one batch's logits for each and the agreement's
+  copies of their unpadded rows, capped at `LOGIT_ELEMENTS` (`eval.metrics` shrinks its batches).
 
 `benchmarks/scale.py` records these estimates beside the measured peaks (RSS on CPU,
 `torch.cuda.max_memory_allocated` on a GPU). The process itself (Python, torch, tokenizers) is
@@ -103,7 +103,8 @@ def estimate(s: Shapes, *, batch: int, seq_len: int, calib_tokens: int, curvatur
         "convert": BASE + teacher32 + stats + curv + 4 * s.student_params + convert_tmp,
         "distil": BASE + teacher_bytes * s.teacher_params + 4 * s.student_params + 12 * trained + logits
                   + activation_bytes(s, tokens, seq_len, batch, compute_bytes, checkpointing),
-        "evaluate": BASE + compute_bytes * (s.teacher_params + s.student_params) + 2 * eval_logits + 4 * ROW_ELEMENTS * 4,
+        # both models' logits, and the agreement's copies of their unpadded rows, plus softmax row chunks
+        "evaluate": BASE + compute_bytes * (s.teacher_params + s.student_params) + 4 * eval_logits + 4 * ROW_ELEMENTS * 4,
     }
     return plan
 
