@@ -137,7 +137,7 @@ def test_frozen_embeddings_come_after_the_curvature_and_save_twelve_bytes_a_para
 
     from recursify.util.device import resolve_placement
 
-    vocab, hidden = 50_000, 512
+    vocab, hidden = 50_000, 1024
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
     recursion = rf.RecursionConfig(num_loops=2, lora_rank=8)
