@@ -2,9 +2,9 @@
 # Install recursify (pinned versions) and run the main job on the bundled SmolLM2-135M (the
 # README's first command): fetch real text, then calibrate on 16,384 tokens, convert to 10 loops
 # with per-linear LoRA ranks for 75% of the parameters, distil on 45,056 tokens and evaluate.
-# The work is fixed, so every machine makes the same model; a slower one takes longer (about
-# 10 minutes on 2 cores of the machine the README names). The 30-minute budget is only a cap;
-# gradient checkpointing keeps the peak memory low (about 4 GiB) for one more forward a step.
+# The work is fixed, so every machine makes the same model; a slower one takes longer (23.6
+# minutes on a slow day of the 2-core machine in docs/results/demo.md). The 30-minute budget is
+# only a cap; gradient checkpointing keeps distillation's memory small for one more forward a step.
 #   bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
