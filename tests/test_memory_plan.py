@@ -36,7 +36,7 @@ def test_checkpointing_then_the_curvature_are_given_up_to_fit(monkeypatch):
     """Shapes where distillation's activations decide the peak (8 x 512 tokens, 8 layers)."""
     from transformers import LlamaConfig
 
-    from recursify.budget import HEADROOM, fit_memory, memory_plan
+    from recursify.budget import HEADROOM, fit_memory
     from recursify.util.device import resolve_placement
 
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
@@ -44,13 +44,14 @@ def test_checkpointing_then_the_curvature_are_given_up_to_fit(monkeypatch):
     recursion = rf.RecursionConfig(num_loops=2, lora_rank=8)
     where = resolve_placement("cpu", "float32")
     args = dict(batch=8, seq_len=512, calib_tokens=4096, placement=where, target_params=None)
-    plain = memory_plan(config, recursion, **args, curvature=True, teacher_dtype=torch.float32, checkpointing="off")[0]
-    ckpt = memory_plan(config, recursion, **args, curvature=True, teacher_dtype=torch.float32, checkpointing="on")[0]
-    assert plain.peak_stage == "distil" and ckpt.peak < plain.peak
 
     def fit(free, **kw):
         _free(monkeypatch, int(free / HEADROOM) + 1)
         return fit_memory(config, recursion, **args, **kw)
+
+    plain = fit(2**50, curvature=True, checkpointing="off")[0]  # ample memory: the plans as asked
+    ckpt = fit(2**50, curvature=True, checkpointing="on")[0]
+    assert plain.peak_stage == "distil" and ckpt.peak < plain.peak
 
     memory, _, changes, hint = fit(plain.peak, curvature=True, checkpointing="auto")
     assert (changes, hint, memory.checkpointing, memory.curvature) == ([], None, False, True)

@@ -28,19 +28,6 @@ def compress_shapes(source_config, recursion, target_params: float | None = None
                      embedding_params=sum(embeddings.values()))
 
 
-def memory_plan(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool,
-                placement, teacher_dtype, target_params: float | None = None, checkpointing: str = "off"):
-    """(MemoryPlan, free bytes on the device) of a compress run as asked: checkpointing "on" or
-    "off" (`fit_memory` decides "auto")."""
-    from .util.device import free_memory
-    from .util.memory import estimate
-
-    shapes = compress_shapes(source_config, recursion, target_params)
-    return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
-                    teacher_bytes=teacher_dtype.itemsize, compute_bytes=placement.dtype.itemsize,
-                    checkpointing=checkpointing == "on"), free_memory(placement.device)
-
-
 HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %
 # Distillation keeps freed CPU memory for the next step (`cpu_heap.keep_freed_memory`) only when its
 # estimated peak times this still fits: the retained heap added up to about a fifth on a 1B model.

@@ -53,6 +53,12 @@ class CompressConfig:
     gradient_checkpointing: str = "auto"  # auto: on when the plan's memory estimate does not fit without it
     max_compute: float | None = None  # --loops auto: layouts' multiply-adds per token, as a fraction of the teacher's
 
+    @property
+    def search_init(self) -> str:
+        """The init layouts are compared with: the joint calibrated fit costs four plain conversions'
+        time, so the search uses the average init and only the chosen layout gets `init`."""
+        return "average" if self.init == "calibrated" else self.init
+
     def validate(self) -> None:
         if self.time_budget <= 0:
             raise CompressError(f"--time-budget must be positive, got {self.time_budget}")

@@ -140,7 +140,6 @@ def plan_preparation(cfg: CompressConfig, costs: Costs, seconds_left: float, ava
     fwd, scale = costs.fwd_tok_s, costs.scale
     reserve, step_s = reserve_seconds(cfg, costs), step_seconds(cfg, costs)
     calib_tokens, searching, init = cfg.calib_tokens, cfg.loops == "auto", cfg.init
-    search_init = "average" if cfg.init == "calibrated" else cfg.init  # layouts are compared with the cheaper init
     curvature, sequential = cfg.curvature and curvature, cfg.sequential and sequential
     lines: list[str] = []
     while True:
@@ -150,7 +149,7 @@ def plan_preparation(cfg: CompressConfig, costs: Costs, seconds_left: float, ava
                                 f"seq_len={cfg.seq_len}")
         tokens = rows * cfg.seq_len
         convert_s = convert_forwards(init, scale) / fwd
-        search_s = available.layouts * convert_forwards(search_init, scale) / fwd if searching else 0
+        search_s = available.layouts * convert_forwards(cfg.search_init, scale) / fwd if searching else 0
         prep = (0 if tokens in available.cached else 4 * tokens / fwd) + convert_s + search_s
         refit = 12 * min(FIT_TOKENS, tokens) / fwd if sequential else 0
         refit += curvature_forwards(min(FIT_TOKENS, tokens), sequential) / fwd if curvature else 0

@@ -133,12 +133,11 @@ def _check_memory(cfg: CompressConfig, source_config, recursion, where, log):
 def _layouts(cfg: CompressConfig, teacher, recursion) -> list:
     """--loops auto: the layouts that fit the budget, known before calibration. --lora-rank auto: a
     budget that even rank 0 exceeds fails now, not after calibration."""
-    search_init = "average" if cfg.init == "calibrated" else cfg.init
     if cfg.loops == "auto":
         from ..conversion.layout_search import candidates
 
         try:
-            return candidates(teacher, cfg.target_params, cfg.strategy, search_init, max_compute=cfg.max_compute)
+            return candidates(teacher, cfg.target_params, cfg.strategy, cfg.search_init, max_compute=cfg.max_compute)
         except ValueError as e:
             raise CompressError(str(e)) from e
     if cfg.lora_rank == "auto":
@@ -196,8 +195,8 @@ def _convert(run: _Run, teacher, tok, recursion, options: list, costs: Costs, cu
         run.stage(3, f"choosing the loops for {cfg.target_params:.0%} of the teacher's parameters: converting "
                      f"{len(options)} layouts and scoring them on {SEARCH_TOKENS} training tokens")
         if auto:
-            options = candidates(teacher, cfg.target_params, cfg.strategy, "average" if cfg.init == "calibrated"
-                                 else cfg.init, stats, allocate=True, damp=cfg.damp, max_compute=cfg.max_compute)
+            options = candidates(teacher, cfg.target_params, cfg.strategy, cfg.search_init, stats, allocate=True,
+                                 damp=cfg.damp, max_compute=cfg.max_compute)
         best = search(teacher, stats, pool[slice(*prep.probe)], options, cfg.seq_len, damp=cfg.damp, log=run.log)
         recursion = best.recursion
         run.save(layout_search=[{"loops": c.loops, "rank": c.rank, "params": c.params, "ppl": c.ppl} for c in options])

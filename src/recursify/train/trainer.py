@@ -89,6 +89,7 @@ class Setup:
     teacher: nn.Module | None
     train_ds: Any
     heldout_ds: Any
+    teacher_split: tuple | None = None  # `teacher_head(teacher)`: (decoder, head), or None to take whole logits
 
 
 def _setup(cfg: TrainConfig, loaded_teacher=None, loaded_student=None) -> Setup:
@@ -157,7 +158,8 @@ def _setup(cfg: TrainConfig, loaded_teacher=None, loaded_student=None) -> Setup:
         raise TrainError(f"the training split has {len(train_ds)} sequences of {cfg.seq_len} tokens, fewer than one "
                          f"batch of {cfg.batch_size}; add data or lower batch_size/seq_len")
     return Setup(cfg, accelerator, accelerator.distributed_type == DistributedType.FSDP,
-                 cfg.batch_size // (world * cfg.grad_accum), student, tokenizer, teacher, train_ds, heldout_ds)
+                 cfg.batch_size // (world * cfg.grad_accum), student, tokenizer, teacher, train_ds, heldout_ds,
+                 teacher_head(teacher) if teacher is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,13 +205,12 @@ def _teacher_outputs(run: Setup, ids: torch.Tensor):
     """(teacher logits, teacher hidden states or None) of one micro-batch. The logits come as
     `TeacherLogits` (final hidden state + head) where the teacher splits so: the loss then makes them
     a chunk at a time, and the [B, T, V] tensor is never whole."""
-    split = teacher_head(run.teacher)
     hidden = run.cfg.hidden_weight > 0
     with torch.no_grad(), run.accelerator.autocast():  # bf16 on GPU, a no-op on CPU
-        if split is None:
+        if run.teacher_split is None:
             out = run.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             return out.logits, out.hidden_states
-        decoder, head = split
+        decoder, head = run.teacher_split
         out = decoder(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     return TeacherLogits(out.last_hidden_state, head, run.student.config.vocab_size), out.hidden_states
 
