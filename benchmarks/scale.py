@@ -134,6 +134,8 @@ def main(argv=None) -> None:
     try:
         budget = parse_duration(args.time_budget)
         where = resolve_placement(args.device, args.dtype)
+        loops = args.loops if args.loops == "auto" else int(args.loops)
+        rank = None if loops == "auto" else "auto" if args.lora_rank == "auto" else int(args.lora_rank)
     except ValueError as e:
         ap.error(str(e))
     work = Path(args.work or tempfile.mkdtemp(prefix="recursify-scale-"))
@@ -159,10 +161,9 @@ def main(argv=None) -> None:
                 peaks.switch(stage)
                 break
 
-    loops = args.loops if args.loops == "auto" else int(args.loops)
     cfg = CompressConfig(model=args.model or str(work / "model"), out=str(work / "out"), data=[args.data],
                          heldout=[args.heldout] if args.heldout else None, loops=loops, calib_tokens=args.calib_tokens,
-                         lora_rank=None if loops == "auto" else "auto" if args.lora_rank == "auto" else int(args.lora_rank),
+                         lora_rank=rank,
                          target_params=args.target_params, time_budget=budget, max_tokens=args.max_tokens or None,
                          device=args.device, dtype=args.dtype, overwrite=True)
     error = None
