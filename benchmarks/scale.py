@@ -2,7 +2,8 @@
 measured peak and time of every stage.
 
 Builds TinyLlama-1.1B's shape (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads)
-with random weights and SmolLM2's bundled tokenizer (vocabulary 49152: 1.07B parameters), saves it
+with random weights and SmolLM2's bundled tokenizer (vocabulary 49152, embeddings tied as SmolLM2's
+are: 1.07B parameters), saves it
 as a float32 safetensors folder, then runs `compress --loops 2 --lora-rank 64` in this process
 with a budget that allows a few distillation steps. Random weights measure memory and time, not
 quality. A sampling thread reads the process's resident memory (or, on a GPU, the allocator's
@@ -30,7 +31,7 @@ from pathlib import Path
 
 TINYLLAMA = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
                  num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False)
+                 tie_word_embeddings=True)
 TINY = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -121,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", default="corpus/python-docs/heldout", help="held-out text ('': a held-out share of --data, as the demo)")
     ap.add_argument("--time-budget", default="45m")
     ap.add_argument("--max-tokens", type=int, default=4096, help="distillation tokens at most (0: what the budget allows)")
+    ap.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--work", default=None, help="folder for the model and the run (default: a temporary one)")
@@ -165,7 +167,8 @@ def main(argv=None) -> None:
                          heldout=[args.heldout] if args.heldout else None, loops=loops, calib_tokens=args.calib_tokens,
                          lora_rank=rank,
                          target_params=args.target_params, time_budget=budget, max_tokens=args.max_tokens or None,
-                         device=args.device, dtype=args.dtype, overwrite=True)
+                         device=args.device, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                         overwrite=True)
     error = None
     try:
         summary = compress(cfg, log=log)

@@ -186,6 +186,23 @@ def test_sequential_full_rank_without_damping_reproduces_the_source():
     assert (model(ids).logits - source(ids).logits).abs().max().item() < 1e-3
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_loop_view_is_the_source_on_the_sources_own_weights(family):
+    """The sequential refit's teacher: the HF model's logits, with every linear and embedding
+    sharing the source's storage (no copy of the weights) and nothing left on the meta device."""
+    from recursify.conversion.sequential import one_loop_view
+
+    source = make(family).eval()
+    ids = torch.randint(0, 97, (2, 12), generator=GEN)
+    view = one_loop_view(source)
+    with torch.no_grad():
+        assert (view(ids).logits - source(ids).logits).abs().max().item() < 1e-4
+    assert not any(p.is_meta for p in view.parameters())
+    source_ptrs = {p.data_ptr() for p in source.parameters()}
+    linears = [m.weight for slot in view.slots for m in slot.linears.values()] + [view.embed_tokens.weight]
+    assert all(w.data_ptr() in source_ptrs for w in linears)
+
+
 def test_sequential_calibration_brings_the_outputs_closer_than_teacher_inputs_alone():
     from recursify.conversion.sequential import sequential_calibrate
 

@@ -63,3 +63,36 @@ def test_leaving_the_block_returns_the_freed_memory():
     out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
     inside, after = map(int, out.stdout.split()[-2:])
     assert inside - after > 200, (inside, after)  # the freed 256 MB stayed resident inside, not after
+
+
+# Grows glibc's mmap threshold as a big freed tensor does, then allocates 64 blocks of 8 MiB and frees
+# every other one: from the heap, the freed ones stay resident as holes between live blocks.
+HOLES = """
+import os, sys, torch
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+def run():
+    x = torch.ones(4 * 2**20)  # 16 MiB, served by mmap; freeing it raises glibc's threshold to 16 MiB
+    del x
+    blocks = [torch.ones(2 * 2**20) for _ in range(64)]  # 64 x 8 MiB = 512 MiB
+    before = rss()
+    del blocks[::2]
+    return before - rss()
+if sys.argv[1] == "1":
+    from recursify.cpu_heap import return_freed_memory
+    with return_freed_memory() as ok:
+        assert ok
+        print(run())
+else:
+    print(run())
+"""
+
+
+def _returned_mib(lean: bool) -> int:
+    out = subprocess.run([sys.executable, "-c", HOLES, str(int(lean))], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_return_freed_memory_gives_back_blocks_freed_between_live_ones():
+    default, lean = _returned_mib(False), _returned_mib(True)
+    assert lean > 200, lean  # the 32 freed 8 MiB blocks (256 MiB) left the process at once
+    assert default < lean / 2, (default, lean)  # without it most of them stayed resident

@@ -29,9 +29,6 @@ def compress_shapes(source_config, recursion, target_params: float | None = None
 
 
 HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %
-# Distillation keeps freed CPU memory for the next step (`cpu_heap.keep_freed_memory`) only when its
-# estimated peak times this still fits: the retained heap added up to about a fifth on a 1B model.
-REUSE_MARGIN = 1.25
 
 
 def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_tokens: int, curvature: bool, placement,
@@ -51,11 +48,9 @@ def fit_memory(source_config, recursion, *, batch: int, seq_len: int, calib_toke
 
     def plan(batch=batch, curvature=curvature, on=checkpointing == "on", dtype=placement.dtype,
              frozen=trainable == "body"):
-        memory = estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
-                          teacher_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, checkpointing=on,
-                          frozen_embeddings=frozen)
-        memory.reuse_freed_memory = memory.stages["distil"] * REUSE_MARGIN <= free
-        return memory
+        return estimate(shapes, batch=batch, seq_len=seq_len, calib_tokens=calib_tokens, curvature=curvature,
+                        teacher_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, checkpointing=on,
+                        frozen_embeddings=frozen)
 
     memory, changes = plan(), []
     auto = checkpointing == "auto"

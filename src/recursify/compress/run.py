@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..cpu_heap import release_freed_memory
+from ..cpu_heap import release_freed_memory, return_freed_memory
 from .config import FIT_TOKENS, SEARCH_TOKENS, CompressConfig, CompressError, fmt_seconds
 from .plan import (Available, BudgetError, Costs, Distillation, calibration_sizes, conversion_scale, distillation,
                    local_seconds, plan_distillation, plan_preparation)
@@ -67,8 +67,9 @@ def compress(cfg: CompressConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.work"
     fresh = not (work / STATE_FILE).exists() or cfg.overwrite
-    try:
-        return _compress(cfg, out, work, log)
+    try:  # every stage's resident peak is then what is alive, as the memory plan counts it
+        with return_freed_memory():
+            return _compress(cfg, out, work, log)
     except CompressError:
         if fresh:
             shutil.rmtree(work, ignore_errors=True)
@@ -286,7 +287,7 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 out=str(run_dir), max_tokens=plan.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=lr, warmup_steps=plan.warmup_steps, eval_every=-1,
                 exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=trainable,
-                reuse_freed_memory=memory.reuse_freed_memory,
+                reuse_freed_memory=False,  # the peak is what is alive, as the memory plan counts it
                 eval_tokens=n_eval, save_every=plan.save_every, keep_last=1,
                 max_time=plan.seconds, resume=run_dir.exists()), teacher=(teacher, tok))
         except TrainError as e:

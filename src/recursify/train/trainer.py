@@ -281,12 +281,12 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, *, te
     (which then only name them in the run's config); they are moved to the run's device and dtypes
     in place, and the student is trained in place.
     """
-    from ..cpu_heap import keep_freed_memory
+    from ..cpu_heap import keep_freed_memory, return_freed_memory
 
     t_enter = time.perf_counter()  # on wall time, max_time counts from here: loading and the final saves too
     # Each step frees and allocates the same large buffers: keep them in the heap while the run's
-    # tensors live, and give the memory back once they are gone.
-    with keep_freed_memory(cfg.reuse_freed_memory):
+    # tensors live (faster), or, when memory is short, give every freed buffer back at once.
+    with keep_freed_memory() if cfg.reuse_freed_memory else return_freed_memory():
         return _train(cfg, on_step, t_enter, teacher, student)
 
 

@@ -60,7 +60,6 @@ class MemoryPlan:
     checkpointing: bool = False
     curvature: bool = True
     frozen_embeddings: bool = False  # distillation trains the body only (trainable "body")
-    reuse_freed_memory: bool = True  # the distillation's peak leaves room for glibc's retained heap
 
     @property
     def peak(self) -> int:
@@ -90,8 +89,8 @@ def estimate(s: Shapes, *, batch: int, seq_len: int, calib_tokens: int, curvatur
     stats = 4 * s.layers * sum(d * d for d in s.input_dims)
     curv = 4 * s.layers * sum(d * d for d in s.output_dims) if curvature else 0
     calib_act = min(calib_tokens, 4 * seq_len) * (s.hidden * 6 + s.intermediate * 2) * 4
-    if curvature:  # backward passes of the teacher over a few sequences
-        calib_act += activation_bytes(s, min(calib_tokens, 4 * seq_len), seq_len, 4, 4, False)
+    if curvature:  # backward passes of the teacher, one sequence at a time, and that sequence's logits
+        calib_act += activation_bytes(s, seq_len, seq_len, 1, 4, False) + 4 * seq_len * s.vocab * 4
     d_out, d_in = s.largest_linear
     convert_tmp = s.layers * d_out * d_in * 4 * 2 + CONVERT_CHUNK  # W and delta (fp32), one chunk's fp64 fit
     logits = CHUNK_LIVE * min(CHUNK_BYTES, tokens * s.vocab * 4)
