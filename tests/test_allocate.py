@@ -54,8 +54,18 @@ def _objective(W, shared, cov, slots, rank):
     return torch.einsum("noi,nij,noj->", E, cov, E).item()
 
 
+def _one_position_at_a_time(monkeypatch, module):
+    """What a 1B model's conversion does (a few positions per chunk), at a tiny model's size."""
+    monkeypatch.setattr(module, "position_chunks", lambda stack: [slice(i, i + 1) for i in range(len(stack))])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("normalise", [False, True])
-def test_joint_fit_lowers_the_output_error_of_the_average(normalise):
+def test_joint_fit_lowers_the_output_error_of_the_average(normalise, chunked, monkeypatch):
+    from recursify.conversion import calibrate
+
+    if chunked:
+        _one_position_at_a_time(monkeypatch, calibrate)
     L, out_f, in_f, r = 6, 8, 10, 2
     X = _samples(L, 80, in_f)
     cov = torch.stack([x.T @ x / len(x) for x in X])
@@ -139,11 +149,16 @@ def curved_llama(calibrated_llama):
                                   progress=False)
 
 
-def test_with_curvature_the_gains_are_the_fisher_weighted_errors_each_rank_removes(curved_llama):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_with_curvature_the_gains_are_the_fisher_weighted_errors_each_rank_removes(curved_llama, chunked, monkeypatch):
     """Cumulative gains = tr(G D C D^T) - tr(G E_r C E_r^T), E_r the residual of the conversion's own
-    two-sided rank-r fit (G, C damped as the conversion damps them), summed over positions."""
+    two-sided rank-r fit (G, C damped as the conversion damps them), summed over positions; also
+    when the positions are taken one at a time (as a 1B model's are, a few at a time)."""
+    from recursify.conversion import allocate
     from recursify.conversion.calibrate import OUT_DAMP, _damped
 
+    if chunked:
+        _one_position_at_a_time(monkeypatch, allocate)
     source, stats = curved_llama
     cfg = rf.RecursionConfig(num_loops=2, init="average")
     spectra = component_gains(source, cfg, stats)

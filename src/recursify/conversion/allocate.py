@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError, Layout, RecursionConfig
 from ..families import arch_from_config, detect_family
 from ..modeling import RecursiveForCausalLM, lora_targets
-from .calibrate import OUT_DAMP, CalibrationStats, _damped, psd_root
+from .calibrate import OUT_DAMP, CalibrationStats, _damped, position_chunks, psd_root
 
 
 def parameter_count(source, recursion: RecursionConfig) -> int:
@@ -74,25 +74,31 @@ def component_gains(source, recursion: RecursionConfig, calibration: Calibration
     layers = list(source.get_submodule(family.layers))
     layout = Layout.build(len(layers), recursion)
     spectra = {}
+    slots = list(layout.slot_of_position)
     for name in lora_targets(family, recursion):
         W = torch.stack([layer.get_submodule(family.linears[name]).weight.float() for layer in layers])
-        C = _damped(calibration.of(name).double().to(W.device), damp)
         shared = shared_weights(W, layout, recursion.init, calibration.of(name), 0, damp)
-        D = (W - shared[list(layout.slot_of_position)]).double()
         fisher = calibration.out_of(name) is not None
-        if fisher:  # G^{1/2} Delta, with G damped as the conversion damps it
-            D = psd_root(_damped(calibration.out_of(name).to(D), OUT_DAMP)) @ D
-        out_f, in_f = D.shape[1:]
-        if out_f <= in_f:
-            ev = torch.linalg.eigvalsh(D @ C @ D.transpose(1, 2))
-        else:
-            M = D @ psd_root(C)
-            ev = torch.linalg.eigvalsh(M.transpose(1, 2) @ M)
-        gains = ev.flip(-1).clamp(min=0)
-        if not fisher:
-            energy = torch.einsum("loi,lij,loj->l", W.double(), C, W.double()).clamp(min=1e-30)
-            gains = gains / energy.unsqueeze(-1)
-        spectra[name] = gains.sum(0).cpu()
+        total = None
+        # A few positions at a time, as the conversion: the float64 temporaries of one chunk, never of all L.
+        for idx in position_chunks(W):
+            C = _damped(calibration.of(name)[idx].double().to(W.device), damp)
+            D = (W[idx] - shared[slots[idx]]).double()
+            if fisher:  # G^{1/2} Delta, with G damped as the conversion damps it
+                D = psd_root(_damped(calibration.out_of(name)[idx].to(D), OUT_DAMP)) @ D
+            out_f, in_f = D.shape[1:]
+            if out_f <= in_f:
+                ev = torch.linalg.eigvalsh(D @ C @ D.transpose(1, 2))
+            else:
+                M = D @ psd_root(C)
+                ev = torch.linalg.eigvalsh(M.transpose(1, 2) @ M)
+            gains = ev.flip(-1).clamp(min=0)
+            if not fisher:
+                Wd = W[idx].double()
+                energy = torch.einsum("loi,lij,loj->l", Wd, C, Wd).clamp(min=1e-30)
+                gains = gains / energy.unsqueeze(-1)
+            total = gains.sum(0) if total is None else total + gains.sum(0)
+        spectra[name] = total.cpu()
     return spectra
 
 

@@ -296,6 +296,15 @@ def _damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
     return cov + damp * mean_diag.view(-1, 1, 1) * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
 
 
+def position_chunks(stack: torch.Tensor, budget: int = 1 << 29) -> list[slice]:
+    """Slices over the first axis of a [L, out, in] stack, each small enough that the float64
+    temporaries of its decomposition (about four copies) stay under `budget` bytes."""
+    L, out_f, in_f = stack.shape
+    per = 4 * 8 * (out_f * in_f + min(out_f, in_f) ** 2)
+    k = max(1, min(L, budget // per))
+    return [slice(i, min(L, i + k)) for i in range(0, L, k)]
+
+
 @torch.no_grad()
 def fit_shared(W: torch.Tensor, cov: torch.Tensor, slot_of_position, rank: int, damp: float = 0.01,
                iters: int = 2, normalise: bool = True) -> torch.Tensor:
@@ -311,16 +320,20 @@ def fit_shared(W: torch.Tensor, cov: torch.Tensor, slot_of_position, rank: int, 
     """
     slots = torch.as_tensor(list(slot_of_position), device=W.device)
     num_slots = int(slots.max()) + 1
-    C = _damped(cov.to(W.device, torch.float64), damp)
+    C = cov.to(W.device, torch.float64, copy=True)  # damped and normalised in place: one float64 copy
+    mean_diag = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    torch.diagonal(C, dim1=-2, dim2=-1).add_(damp * mean_diag.unsqueeze(-1))  # as `_damped`
     if normalise:
-        C = C / torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1)
+        C.div_(torch.diagonal(C, dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1))
     Wd = W.double()
     shared = torch.stack([Wd[slots == s].mean(0) for s in range(num_slots)])
     for _ in range(max(1, iters) if rank > 0 else 1):
         R = Wd
-        if rank > 0:
-            B, A = activation_aware_factors(Wd - shared[slots], C, rank, damp=0.0)
-            R = Wd - B @ A
+        if rank > 0:  # a few positions at a time: one chunk's float64 temporaries, never all L's
+            R = torch.empty_like(Wd)
+            for idx in position_chunks(Wd):
+                B, A = activation_aware_factors(Wd[idx] - shared[slots[idx]], C[idx], rank, damp=0.0)
+                R[idx] = Wd[idx] - B @ A
         for s in range(num_slots):
             m = slots == s
             rhs = (R[m] @ C[m]).sum(0)  # [out, in]

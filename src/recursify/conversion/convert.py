@@ -18,7 +18,7 @@ from ..families import Family, detect_family
 from ..lora import truncated_svd
 from ..modeling import RecursiveForCausalLM
 from ..util.device import resolve_device, resolve_dtype
-from .calibrate import CalibrationStats, activation_aware_factors, fit_shared
+from .calibrate import CalibrationStats, activation_aware_factors, fit_shared, position_chunks
 
 AUTO_MAP = {
     "AutoConfig": "configuration_recursify.RecursiveConfig",
@@ -197,15 +197,6 @@ def with_rank(model: RecursiveForCausalLM, rank) -> RecursiveForCausalLM:
     if new.arch.tie_word_embeddings:
         new.tie_weights()
     return new.eval()
-
-
-def position_chunks(stack: torch.Tensor, budget: int = 1 << 29) -> list[slice]:
-    """Slices over the first axis of a [L, out, in] stack, each small enough that the float64
-    temporaries of its decomposition (about four copies) stay under `budget` bytes."""
-    L, out_f, in_f = stack.shape
-    per = 4 * 8 * (out_f * in_f + min(out_f, in_f) ** 2)
-    k = max(1, min(L, budget // per))
-    return [slice(i, min(L, i + k)) for i in range(0, L, k)]
 
 
 def _norms(stack: torch.Tensor, layout: Layout, recursion: RecursionConfig) -> torch.Tensor:

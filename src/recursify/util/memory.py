@@ -8,7 +8,7 @@ what each stands for:
 * statistics: one [L, d_in, d_in] float32 covariance per distinct linear input (calibration), and
   one [L, d_out, d_out] per linear with the output curvature;
 * conversion: the student in float32 plus the largest linear's stacked weights and delta, and one
-  chunk of positions' float64 decomposition temporaries (`convert.position_chunks`);
+  chunk of positions' float64 decomposition temporaries (`calibrate.position_chunks`);
 * distillation: the student's float32 weights (4 bytes a parameter) and, for the parameters it
   trains, their gradients and AdamW's two moments (12 more; frozen embeddings save them), the
   activations every unrolled position keeps for the backward (with gradient checkpointing only its
@@ -33,7 +33,7 @@ CHUNK_BYTES = 4 * KD_CHUNK_ELEMENTS  # ... in fp32 (64 MiB) ...
 CHUNK_LIVE = 5  # ... of which about five are alive at once (student and teacher logits, both log-softmaxes, KL)
 LOGIT_ELEMENTS = 1 << 26  # [batch, seq, vocab] elements an evaluation forward may make (eval.metrics)
 ROW_ELEMENTS = 1 << 24  # ... and its softmax temporaries' row chunk
-CONVERT_CHUNK = 1 << 29  # convert.position_chunks' budget for a chunk's float64 temporaries
+CONVERT_CHUNK = 1 << 29  # calibrate.position_chunks' budget for a chunk's float64 temporaries
 
 
 @dataclass(frozen=True)
