@@ -31,8 +31,8 @@ KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # no mappings, never trim: 
 # Every allocation from 1 MiB up (every tensor that matters) is its own mapping, unmapped when freed:
 # no freed block stays resident under a later peak. Left to itself, glibc raises its threshold to
 # the largest block freed so far, and the blocks below 32 MiB (a 1B model's gradients, AdamW's
-# temporaries) then come from the heap, whose holes stay resident: 1.1 GiB over the peak of a KD
-# step with a 466M-parameter teacher (`benchmarks/kd_memory.py`).
+# temporaries) then come from the heap, whose holes stay resident: 1.1 GiB over the backward of a KD
+# step with a 369M-parameter teacher (`benchmarks/kd_memory.py`).
 RETURN = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_THRESHOLD: 1 << 20}
 _stack: list[dict[int, int]] = []
 
