@@ -13,20 +13,11 @@ there (their peaks are then a file read).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
-
-GiB = 2**30
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def main(argv=None) -> None:
@@ -44,41 +35,25 @@ def main(argv=None) -> None:
     from recursify.conversion.calibrate import cached_stats, calibration_sequences
     from recursify.cpu_heap import return_freed_memory
     from recursify.hub import cache_root
+    from recursify.util.memory import GiB, PhasePeaks
 
-    phase, peaks, stop = {"name": "load"}, {}, threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peaks[phase["name"]] = max(peaks.get(phase["name"], 0), rss())
-            time.sleep(0.02)
-
-    def label(name, fn):
-        @functools.wraps(fn)
-        def wrapped(*a, **k):
-            prev, phase["name"] = phase["name"], name
-            try:
-                return fn(*a, **k)
-            finally:
-                phase["name"] = prev
-
-        return wrapped
-
+    peaks = PhasePeaks(interval=0.02, phase="load")
+    label = peaks.during
     recipe.with_curvature = label("output curvature", recipe.with_curvature)
     recipe.allocate_ranks = label("rank allocation", recipe.allocate_ranks)
     recipe.convert = label("conversion", recipe.convert)
     recipe.sequential_calibrate = label("sequential refit", recipe.sequential_calibrate)
-    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     with return_freed_memory():
         teacher, tok = rf.load_pretrained(args.model)
         pool = calibration_sequences([args.data], tok, args.calib_tokens, 256)
-        phase["name"] = "statistics"
+        peaks.switch("statistics")
         stats = cached_stats(teacher, pool, cache_root() / "calibration")
-        phase["name"] = "other"
+        peaks.switch("other")
         recipe.calibrated_convert(teacher, rf.RecursionConfig(num_loops=args.loops, init="calibrated"), stats,
                                   pool[:32], sequential=True, curvature=True, allocate_to=args.target_params)
-    stop.set()
-    rows = {k: v / GiB for k, v in peaks.items() if k != "other"}
+    peaks.close()
+    rows = {k: v / GiB for k, v in peaks.peaks.items() if k not in ("other", "done")}
     for k, v in rows.items():
         print(f"{k:<18} {v:6.2f} GiB")
     print(f"peak {max(rows.values()):.2f} GiB, {time.perf_counter() - t0:.0f} s")

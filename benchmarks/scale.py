@@ -6,7 +6,7 @@ with random weights and SmolLM2's bundled tokenizer (vocabulary 49152, embedding
 are: 1.07B parameters), saves it
 as a float32 safetensors folder, then runs `compress --loops 2 --lora-rank 64` in this process
 with a budget that allows a few distillation steps. Random weights measure memory and time, not
-quality. A sampling thread reads the process's resident memory (or, on a GPU, the allocator's
+quality. A sampling thread (`recursify.util.memory.PhasePeaks`) reads the process's resident memory (or, on a GPU, the allocator's
 peak) every 0.2 s and keeps each stage's maximum; the stages are compress's own log lines.
 
     python benchmarks/scale.py --time-budget 45m --out benchmarks/results/scale_tinyllama_cpu.json
@@ -25,7 +25,6 @@ import platform
 import re
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,53 +33,6 @@ TINYLLAMA = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632,
                  tie_word_embeddings=True)
 TINY = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class StagePeaks:
-    """Peak memory per stage, sampled in a thread; `switch(name)` starts a new stage."""
-
-    def __init__(self, device):
-        import torch
-
-        self.cuda = device.type == "cuda"
-        self.torch = torch
-        self.stage, self.t_stage = "start", time.monotonic()
-        self.peaks: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _now(self) -> int:
-        if self.cuda:
-            return int(self.torch.cuda.max_memory_allocated())
-        return rss_bytes()
-
-    def _run(self):
-        while not self.stop.is_set():
-            v = self._now()
-            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), v)
-            time.sleep(0.2)
-
-    def switch(self, name: str):
-        now = time.monotonic()
-        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self.t_stage
-        self.stage, self.t_stage = name, now
-        if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
-
-    def close(self):
-        self.switch("done")
-        self.stop.set()
-        self.thread.join()
 
 
 STAGE_OF_LOG = [(r"^\[1/5\]", "load"), (r"^\[2/5\]", "calibrate"), (r"^\[3/5\] converting", "convert"),
@@ -131,7 +83,7 @@ def main(argv=None) -> None:
 
     from recursify.compress import CompressConfig, compress, parse_duration
     from recursify.util.device import resolve_placement, total_memory
-    from recursify.util.memory import GiB
+    from recursify.util.memory import GiB, PhasePeaks
 
     try:
         budget = parse_duration(args.time_budget)
@@ -142,9 +94,8 @@ def main(argv=None) -> None:
         ap.error(str(e))
     work = Path(args.work or tempfile.mkdtemp(prefix="recursify-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    peaks = StagePeaks(where.device)
+    peaks = PhasePeaks(where.device, phase="build")
     t0 = time.monotonic()
-    peaks.switch("build")
     shape = None if args.model else TINY if args.tiny else TINYLLAMA
     params = build_model(work / "model", shape) if shape else None
     estimates: dict[str, float] = {}

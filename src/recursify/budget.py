@@ -25,7 +25,8 @@ def compress_shapes(source_config, recursion, target_params: float | None = None
     embeddings = {id(m.weight): m.weight.numel() for m in (source.get_input_embeddings(), source.get_output_embeddings())
                   if m is not None}  # tied: one tensor
     return shapes_of(arch_from_config(family, source_config), family, teacher_params, student_params,
-                     embedding_params=sum(embeddings.values()))
+                     embedding_params=sum(embeddings.values()),
+                     lora=bool(recursion.lora_rank or any((recursion.rank_pattern or {}).values())))
 
 
 HEADROOM = 0.85  # plan for this share of the free memory: the estimates are good to about 15 %

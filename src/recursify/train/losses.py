@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..util.memory import KD_CHUNK_ELEMENTS
+from .head_loss import LinearHead, fused_head_sums
 
 __all__ = [
     "EXIT_SCHEDULES",
@@ -182,9 +183,20 @@ def _exit_sums(
     """(CE sum, KD sum) over all positions, computed over sequence chunks."""
     bsz, seq = h.shape[:2]
     chunk = max(1, min(seq, chunk_elements // max(1, bsz * vocab)))
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    if recompute and isinstance(head, LinearHead):  # the head's weight gradient in one buffer (head_loss)
+
+        def target_logits(sl: slice) -> torch.Tensor | None:
+            if target is None:
+                return None
+            if target_is_hidden:
+                with torch.no_grad():
+                    return head(target[:, sl])
+            return target[:, sl].logits() if isinstance(target, TeacherLogits) else target[:, sl]
+
+        return fused_head_sums(head, h, labels, target_logits, chunk, temperature)
     if chunk >= seq:
         return _chunk_terms(head, h, labels, target, target_is_hidden, temperature)
-    recompute = torch.is_grad_enabled() and h.requires_grad
     ce_total = kd_total = None
     for start in range(0, seq, chunk):
         sl = slice(start, start + chunk)
@@ -227,8 +239,10 @@ def _student_exits(model, input_ids: torch.Tensor, all_exits: bool, positions: b
         out = model(input_ids, use_cache=False, output_loop_states=loops, output_position_states=positions,
                     logits_to_keep=1)
         states = list(out.loop_hidden_states) if loops else [out.position_hidden_states[-1]]
-        return (model.exit_logits, (states if all_exits else states[-1:]), len(states),
-                out.position_hidden_states)
+        head = model.exit_logits
+        if model.lm_head.bias is None:  # the same readout, which the fused head loss differentiates
+            head = LinearHead(model.final_norm, model.lm_head.weight, model.arch.final_softcap)
+        return (head, (states if all_exits else states[-1:]), len(states), out.position_hidden_states)
     if positions:
         raise ValueError("hidden-state distillation needs a recursive student, whose positions map onto the "
                          "teacher's layers")
