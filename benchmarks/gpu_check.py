@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     failed = [s["step"] for s in steps if s["exit_code"] != 0]
+    if not args.work:  # its own temporary folder: the models and checkpoints go with it
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {args.out} in {result['seconds']:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "; all steps passed"))
     return 1 if failed else 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def child(setting: str, args) -> dict:
                 teacher=(teacher, tok), student=(student, tok))
     seconds = time.perf_counter() - t0
     peaks.close()
+    shutil.rmtree(work, ignore_errors=True)
     floor = before + 12 * n_student  # gradients and AdamW's two moments, float32
     return {"setting": setting, "model": args.model or "random", "layers": args.layers, "loops": args.loops,
             "lora_rank": args.lora_rank, "checkpointing": args.checkpointing, "teacher_params": sum(p.numel() for p in teacher.parameters()),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +37,11 @@ import torch
 import recursify as rf
 from recursify.conversion.calibrate import calibration_sequences, collect_stats
 from recursify.conversion.curvature import with_curvature
-from recursify.eval.metrics import perplexity
 from recursify.conversion.sequential import sequential_calibrate
 from recursify.data import DataConfig, build_datasets
-from recursify.train.local import local_distill
+from recursify.eval.metrics import perplexity
 from recursify.train import TrainConfig, train
+from recursify.train.local import local_distill
 
 RECIPES = ("plain-kd", "calibrated-kd", "curvature-kd", "calibrated-local-kd", "allocated-kd", "curvature-allocated-kd",
            "baseline-kd")
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
                                "calibration_seconds": calib_s,
                                "rows": rows}, indent=1))
     plot(rows, teacher_ppl, out.with_suffix(".png"), args.minutes)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

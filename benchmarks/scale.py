@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -127,6 +128,8 @@ def main(argv=None) -> None:
         error, summary = f"{type(e).__name__}: {e}", None
     total_s = time.monotonic() - t0
     peaks.close()
+    if not args.work:  # its own temporary folder: the model and the run go with it
+        shutil.rmtree(work, ignore_errors=True)
 
     # Estimates are per compress stage; load and layout search run beside calibration's memory.
     estimate_of = {"calibrate": "calibrate", "convert": "convert", "distil": "distil", "evaluate": "evaluate"}
