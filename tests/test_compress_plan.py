@@ -118,6 +118,19 @@ def test_without_the_search_the_curvature_goes_first_and_cached_statistics_cost_
     assert cached.lines == () and cached.curvature and cached.seconds == pytest.approx(40.0)
 
 
+def test_a_max_tokens_cap_below_ten_steps_leaves_their_time_to_the_conversion():
+    """--max-tokens 4096 is 4 steps of 1024: the preparation keeps room for 4 of them,
+    32.576 + 4 * 5.12 = 53.056, so everything fits in 105.536 + 171.072 + 53.056 = 329.664 s,
+    where room for ten steps needs 360.384; a cap below one step still keeps room for one."""
+    costs, text = Costs(fwd_tok_s=1000.0, eval_tokens=4096), Available(calib_tokens=PLENTY)
+    assert plan_preparation(demo(max_tokens=4096), costs, 329.7, text).lines == ()
+    assert plan_preparation(demo(max_tokens=4096), costs, 329.6, text).lines == (CURVATURE,)
+    assert plan_preparation(demo(), costs, 329.7, text).lines == (CURVATURE,)
+    # 100 tokens: one step's room, 105.536 + 171.072 + 32.576 + 5.12 = 314.304
+    assert plan_preparation(demo(max_tokens=100), costs, 314.4, text).lines == ()
+    assert plan_preparation(demo(max_tokens=100), costs, 314.2, text).lines == (CURVATURE,)
+
+
 def test_the_memory_plan_or_an_earlier_attempt_can_have_given_up_the_fits_already():
     prep = plan_preparation(demo(), Costs(fwd_tok_s=1000.0, eval_tokens=4096), 7200.0, Available(calib_tokens=PLENTY),
                             curvature=False, sequential=False)

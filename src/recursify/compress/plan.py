@@ -72,6 +72,12 @@ def step_seconds(cfg: CompressConfig, costs: Costs) -> float:
     return 5 * cfg.batch_size * cfg.seq_len / costs.fwd_tok_s
 
 
+def room_steps(cfg: CompressConfig) -> int:
+    """The KD steps the preparation leaves room for: ten, or all that `--max-tokens` allows when
+    that is fewer (the time those would not use goes to the conversion)."""
+    return min(10, max(1, cfg.max_tokens // (cfg.batch_size * cfg.seq_len))) if cfg.max_tokens else 10
+
+
 @dataclass(frozen=True)
 class Available:
     """What data the preparation can use, as plain numbers."""
@@ -135,10 +141,11 @@ def calibration_sizes(cfg: CompressConfig, available: int) -> tuple[int, ...]:
 
 def plan_preparation(cfg: CompressConfig, costs: Costs, seconds_left: float, available: Available, *,
                      curvature: bool = True, sequential: bool = True) -> Preparation:
-    """Fit the preparation to `seconds_left`, keeping room for the final evaluation and ten KD steps.
+    """Fit the preparation to `seconds_left`, keeping room for the final evaluation and ten KD steps
+    (`room_steps`).
     `curvature` / `sequential` False: already given up (by the memory plan, or an earlier attempt)."""
     fwd, scale = costs.fwd_tok_s, costs.scale
-    reserve, step_s = reserve_seconds(cfg, costs), step_seconds(cfg, costs)
+    reserve, steps_s = reserve_seconds(cfg, costs), room_steps(cfg) * step_seconds(cfg, costs)
     calib_tokens, searching, init = cfg.calib_tokens, cfg.loops == "auto", cfg.init
     curvature, sequential = cfg.curvature and curvature, cfg.sequential and sequential
     lines: list[str] = []
@@ -153,7 +160,7 @@ def plan_preparation(cfg: CompressConfig, costs: Costs, seconds_left: float, ava
         prep = (0 if tokens in available.cached else 4 * tokens / fwd) + convert_s + search_s
         refit = 12 * min(FIT_TOKENS, tokens) / fwd if sequential else 0
         refit += curvature_forwards(min(FIT_TOKENS, tokens), sequential) / fwd if curvature else 0
-        if (seconds_left >= prep + refit + reserve + 10 * step_s
+        if (seconds_left >= prep + refit + reserve + steps_s
                 or not (searching or curvature or calib_tokens > MIN_CALIB_TOKENS)):
             break
         if curvature and not searching:  # the most expensive part per unit of gain
@@ -169,16 +176,16 @@ def plan_preparation(cfg: CompressConfig, costs: Costs, seconds_left: float, ava
             calib_tokens = max(MIN_CALIB_TOKENS, calib_tokens // 2)
     if calib_tokens < cfg.calib_tokens:
         lines.append(f"      calibrating on {calib_tokens} tokens instead of {cfg.calib_tokens} to fit the budget")
-    if init == "calibrated" and seconds_left < prep + refit + reserve + 10 * step_s:
+    if init == "calibrated" and seconds_left < prep + refit + reserve + steps_s:
         lines.append("      the budget is too short for the calibrated shared-weight fit; using average init "
                      "(raise --time-budget to keep it)")
         prep -= (convert_forwards(init, scale) - convert_forwards("average", scale)) / fwd
         init = "average"
-    if sequential and seconds_left < prep + refit + reserve + 10 * step_s:
+    if sequential and seconds_left < prep + refit + reserve + steps_s:
         lines.append("      the budget is too short for the sequential refit; skipping it "
                      "(raise --time-budget to keep it)")
         sequential = False
-    if seconds_left < prep + reserve + step_s:
+    if seconds_left < prep + reserve + step_seconds(cfg, costs):
         raise BudgetError(f"the time budget ({fmt_seconds(cfg.time_budget)}) cannot fit calibration (about "
                           f"{fmt_seconds(prep)} here) and one training step; raise --time-budget", tuple(lines))
     return Preparation(calib_tokens=calib_tokens, calib_rows=rows, probe=probe, search=searching, curvature=curvature,
@@ -225,4 +232,4 @@ def local_seconds(cfg: CompressConfig, costs: Costs, seconds_left: float) -> flo
 
 __all__ = ["Available", "BudgetError", "Costs", "Distillation", "Preparation", "calibration_sizes",
            "conversion_scale", "convert_forwards", "curvature_forwards", "distillation", "local_seconds",
-           "plan_distillation", "plan_preparation", "reserve_seconds", "step_seconds"]
+           "plan_distillation", "plan_preparation", "reserve_seconds", "room_steps", "step_seconds"]
