@@ -304,3 +304,24 @@ def test_with_the_curvature_the_chosen_layout_gets_per_linear_ranks_of_its_size(
     # the same size as the uniform layout, short of it by less than one more component of any linear
     spare = uniform["params"]["student"] - allocated["params"]["student"]
     assert 0 <= spare < 6 * (64 + 96)  # tiny llama: 6 positions, no linear's in + out above 64 + 96
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reuse_freed_memory_reaches_the_trainer(teacher_dir, tmp_path, monkeypatch, reuse):
+    """compress distils returning freed buffers to the kernel unless asked to keep them."""
+    import recursify.train.trainer as trainer
+
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(train_cfg, **kw):
+        seen.append(train_cfg.reuse_freed_memory)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    with pytest.raises(Stop):
+        compress(cfg(teacher_dir, tmp_path / "out", reuse_freed_memory=reuse, sequential=False), log=lambda s: None)
+    assert seen == [reuse]

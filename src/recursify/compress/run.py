@@ -287,7 +287,8 @@ def _compress(cfg: CompressConfig, out: Path, work: Path, log: Callable[[str], N
                 out=str(run_dir), max_tokens=plan.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                 lr=lr, warmup_steps=plan.warmup_steps, eval_every=-1,
                 exit_schedule=exit_schedule, hidden_weight=hidden_weight, trainable=trainable,
-                reuse_freed_memory=False,  # the peak is what is alive, as the memory plan counts it
+                # off: the peak is what is alive, as the memory plan counts it; on: no page faults a step
+                reuse_freed_memory=cfg.reuse_freed_memory,
                 eval_tokens=n_eval, save_every=plan.save_every, keep_last=1,
                 max_time=plan.seconds, resume=run_dir.exists()), teacher=(teacher, tok))
         except TrainError as e:

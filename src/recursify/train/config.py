@@ -100,7 +100,7 @@ class TrainConfig:
     reuse_freed_memory: bool = _f(True, "Keep freed CPU memory in the process between steps (glibc): faster steps "
                                         "(no page faults on each step's buffers) at the cost of a higher resident "
                                         "peak. Off: every freed buffer goes back to the kernel at once, so the peak is what is alive; "
-                                        "compress turns it off when memory is short.")
+                                        "compress turns it off unless --reuse-freed-memory.")
     eval_every: int = _f(200, "Held-out evaluation every N steps (0: only at the start and end; -1: never).")
     eval_tokens: int = _f(65536, "Held-out tokens per evaluation (rounded down to whole sequences).")
     save_every: int = _f(500, "Checkpoint every N steps (0: only at the end and on signals; -1: only on signals, "
