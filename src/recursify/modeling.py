@@ -331,14 +331,9 @@ class RecursiveForCausalLM(PreTrainedModel, GenerationMixin):
         return scaled_attention(q, k, v, mask, self.arch)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        # Tied to the head, the table's gradient is the head's [V, d] buffer; the lookup's rows are
-        # added into it in place as a sparse gradient instead of a second dense [V, d] tensor.
-        sparse = w is self.lm_head.weight and w.requires_grad and torch.is_grad_enabled()
-        h = F.embedding(input_ids, w, self.embed_tokens.padding_idx, sparse=sparse)
-        if self.family.scale_embeddings:
-            h = h * torch.tensor(self.arch.hidden_size**0.5, dtype=h.dtype)
-        return h
+        w = self.embed_tokens.weight  # tied: a sparse gradient, added into the head's (train.head_loss)
+        h = F.embedding(input_ids, w, sparse=w is self.lm_head.weight and w.requires_grad and torch.is_grad_enabled())
+        return h * torch.tensor(self.arch.hidden_size**0.5, dtype=h.dtype) if self.family.scale_embeddings else h
 
     def build_masks(self, attention_mask, batch: int, seq: int, past: Position, device, total: int | None = None
                     ) -> dict[bool, torch.Tensor]:
