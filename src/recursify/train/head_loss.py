@@ -86,7 +86,7 @@ class _FusedHeadSums(torch.autograd.Function):
             gz.scatter_add_(-1, lab.clamp(min=0), labelled * -g_ce)  # ... on labelled rows only
             t = target_logits(sl)
             if t is not None:  # dKD/dz: T * (softmax(z / T) - softmax(t / T))
-                gz.add_(torch.softmax(z / T, dim=-1).sub_(torch.softmax(t.float() / T, dim=-1)), alpha=T * g_kd)
+                gz.add_(torch.softmax(z / T, dim=-1).sub_(torch.softmax(t.float() / T, dim=-1)).mul_(g_kd * T))
             if cap:
                 gz.mul_(1 - (z / cap).square())
             del z
