@@ -82,10 +82,15 @@ class _FusedHeadSums(torch.autograd.Function):
             z = _logits(xc, w, cap)
             lab = labels[:, sl].unsqueeze(-1)
             labelled = (lab != -100).to(z.dtype)
-            gz = torch.softmax(z, dim=-1).mul_(labelled * g_ce)  # dCE/dz = softmax(z) - onehot(label) ...
-            gz.scatter_add_(-1, lab.clamp(min=0), labelled * -g_ce)  # ... on labelled rows only
             t = target_logits(sl)
-            if t is not None:  # dKD/dz: T * (softmax(z / T) - softmax(t / T))
+            # dCE/dz = softmax(z) - onehot(label) on labelled rows; dKD/dz = T * (softmax(z / T) - softmax(t / T)),
+            # whose softmax(z) at T = 1 is the CE's: one softmax of z serves both
+            shared = t is not None and T == 1
+            gz = torch.softmax(z, dim=-1).mul_(labelled * g_ce + (g_kd if shared else 0))
+            gz.scatter_add_(-1, lab.clamp(min=0), labelled * -g_ce)
+            if shared:
+                gz.sub_(torch.softmax(t.float(), dim=-1).mul_(g_kd))
+            elif t is not None:
                 gz.add_(torch.softmax(z / T, dim=-1).sub_(torch.softmax(t.float() / T, dim=-1)).mul_(g_kd * T))
             if cap:
                 gz.mul_(1 - (z / cap).square())
